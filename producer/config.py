@@ -115,7 +115,7 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             "Stream duplicate window, seconds; must cover the longest publish retry so a "
             "retried event is deduplicated by `Nats-Msg-Id`."
         ),
-    ] = 120.0
+    ] = 600.0
     connect_timeout_s: Annotated[float, _doc("Timeout for one connection attempt, seconds.")] = 5.0
     ack_timeout_s: Annotated[float, _doc("How long to wait for one PubAck, seconds.")] = 5.0
     max_inflight: Annotated[
