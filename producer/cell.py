@@ -1,0 +1,369 @@
+"""One registered cell at run time: its chain, its listener's frames, its counters.
+
+Everything here runs on the event loop thread. Sealing (sequence, prevhash, signature)
+and handing the message to the publisher happen in one synchronous step, so a chain's
+sequence order is the order its events enter the publisher queue, with no await between
+them that could interleave another event of the same chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer import __version__
+from producer.chain import ChainSealer
+from producer.config import CellSpec
+from producer.events import (
+    ChainContext,
+    Pending,
+    Rfc3339Clock,
+    binary_payload,
+    chain_event,
+    guest_event,
+    nats_headers,
+    sequence_str,
+    silenced_event,
+)
+from producer.listener import CellListener
+from producer.publisher import OutMsg, Publisher
+from producer.signing import Signer
+from producer.signpolicy import SigningPolicy, UnsignedRun
+from producer.wire import BodyError, FramingError
+from schemas.wire import Declaration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CellCounters:
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    events: int = 0
+    signed: int = 0
+    dropped_full: int = 0
+    connections_opened: int = 0
+    connections_open: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CellSettings:
+    """The slice of the config a cell runtime needs, resolved once by the registry."""
+
+    binary_mode: bool
+    checkpoint_every: int
+    checkpoint_interval_s: float
+    silence_window_ms: int
+    drop_newest: bool
+
+
+@dataclass(slots=True)
+class _Lost:
+    count: int = 0
+    first_at: str | None = None
+    last_at: str | None = None
+
+
+class CellRuntime:
+    """Turns one cell's frames and readings into sealed events on the publisher's queue."""
+
+    def __init__(
+        self,
+        spec: CellSpec,
+        ctx: ChainContext,
+        *,
+        signer: Signer,
+        policy: SigningPolicy,
+        publisher: Publisher,
+        settings: CellSettings,
+        max_connections: int,
+        wall: Rfc3339Clock,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.cell_id = spec.cell_id
+        self.ctx = ctx
+        self.counters = CellCounters()
+        self.listener = CellListener(self, max_connections=max_connections)
+        self.socket_path = ""
+        self._signer = signer
+        self._policy = policy
+        self._publisher = publisher
+        self._settings = settings
+        self._wall = wall
+        self._mono = mono
+        self._sealer = ChainSealer(signer)
+        self._unsigned = UnsignedRun()
+        self._batch: list[Pending] = []
+        self._since_checkpoint = 0
+        self._last_checkpoint_s = mono()
+        self._last_frame_s = mono()  # registration counts as "just heard" (SPEC 8)
+        self._last_frame_at: str | None = None
+        self._silenced = False
+        self._lost = _Lost()
+        self._waiter: asyncio.Task[None] | None = None
+        self._cover: asyncio.TimerHandle | None = None
+        self.sealed = False
+
+    # -- FrameHandler ----------------------------------------------------------------------
+
+    def on_outcomes(self, outcomes: list[Declaration | BodyError]) -> bool:
+        if self.sealed:
+            return True
+        at = self._wall.now()
+        ctx = self.ctx
+        batch = self._batch
+        accepted = 0
+        for outcome in outcomes:
+            if isinstance(outcome, Declaration):
+                batch.append(guest_event(ctx, outcome, at))
+                accepted += 1
+            else:
+                self.counters.rejected[outcome.reason] += 1
+        if accepted:
+            self.counters.accepted += accepted
+            self._last_frame_s = self._mono()
+            self._last_frame_at = at
+        return self._flush()
+
+    def on_framing_error(self, error: FramingError) -> None:
+        self.counters.rejected[error.reason] += 1
+        log.info(
+            "guest_connection_closed_framing",
+            extra={"fields": {"cell_id": self.cell_id, "reason": error.reason}},
+        )
+
+    def on_connection(self, opened: bool) -> None:
+        if opened:
+            self.counters.connections_opened += 1
+            self.counters.connections_open += 1
+        else:
+            self.counters.connections_open -= 1
+
+    # -- sealing ---------------------------------------------------------------------------
+
+    @property
+    def head(self) -> tuple[int, str]:
+        return self._sealer.sequence, self._sealer.head_hash
+
+    def _seal_and_offer(self, pending: Pending, *, last_in_batch: bool, now_s: float) -> None:
+        """Seal one event and queue it; the caller has checked the queue has room."""
+        sign = self._policy.decide(
+            self._unsigned, control=pending.control, last_in_batch=last_in_batch, now_s=now_s
+        )
+        event = pending.event
+        sealer = self._sealer
+        event["id"] = f"{self.ctx.chain_id}-{sealer.sequence + 1}"
+        sealed = sealer.seal(event, sign=sign)
+        self._policy.record(self._unsigned, signed=sign, now_s=now_s)
+        binary = self._settings.binary_mode
+        payload = binary_payload(event) if binary else sealed.payload
+        self._publisher.offer(
+            OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary))
+        )
+        self.counters.events += 1
+        if sign:
+            self.counters.signed += 1
+        self._since_checkpoint += 1
+
+    def _flush(self) -> bool:
+        """Seal and queue the batch; False when the queue filled and readers must pause."""
+        batch = self._batch
+        if not batch:
+            return True
+        publisher = self._publisher
+        now_s = self._mono()
+        last = len(batch) - 1
+        done = 0
+        for i, pending in enumerate(batch):
+            if not publisher.has_space():
+                break
+            self._seal_and_offer(pending, last_in_batch=i == last, now_s=now_s)
+            done = i + 1
+        if done == len(batch):
+            batch.clear()
+            self._after_batch(now_s)
+            return True
+        del batch[:done]
+        if self._settings.drop_newest:
+            self._drop(batch)
+            return True
+        self._wait_for_space()
+        return False
+
+    def _drop(self, batch: list[Pending]) -> None:
+        """Spool-full policy ``drop_newest``: count what is lost; a gap event declares it."""
+        lost = self._lost
+        lost.count += len(batch)
+        lost.first_at = lost.first_at or batch[0].event["time"]
+        lost.last_at = batch[-1].event["time"]
+        self.counters.dropped_full += len(batch)
+        batch.clear()
+        self._wait_for_space()
+
+    def _wait_for_space(self) -> None:
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_task(self._resume_when_space())
+
+    async def _resume_when_space(self) -> None:
+        await self._room()
+        self._waiter = None
+        if self._lost.count:
+            lost, self._lost = self._lost, _Lost()
+            gap = chain_event(
+                self.ctx,
+                "gap",
+                self._wall.now(),
+                {
+                    "reason": "queue_full",
+                    "lostCount": lost.count,
+                    "firstLostAt": lost.first_at,
+                    "lastLostAt": lost.last_at,
+                },
+            )
+            self._seal_and_offer(gap, last_in_batch=True, now_s=self._mono())
+        if self._flush():
+            self.listener.resume()
+
+    def _after_batch(self, now_s: float) -> None:
+        if self._since_checkpoint >= self._settings.checkpoint_every:
+            self._checkpoint(now_s)
+        due = self._policy.cover_due(self._unsigned, now_s)
+        if due is not None and self._cover is None:
+            self._cover = asyncio.get_running_loop().call_later(due, self._cover_tail)
+
+    def _checkpoint(self, now_s: float) -> None:
+        seq, head = self._sealer.sequence, self._sealer.head_hash
+        event = chain_event(
+            self.ctx,
+            "checkpoint",
+            self._wall.now(),
+            {"headSequence": sequence_str(seq), "headHash": head},
+        )
+        self._seal_and_offer(event, last_in_batch=True, now_s=now_s)
+        self._since_checkpoint = 0
+        self._last_checkpoint_s = now_s
+
+    def _cover_tail(self) -> None:
+        """An unsigned tail is about to outlive ``max_unsigned_ms``: sign a checkpoint over it.
+
+        If the queue is full the next event will be forced to sign by the policy anyway.
+        """
+        self._cover = None
+        if self.sealed or not self._unsigned.count:
+            return
+        if self._publisher.has_space():
+            self._checkpoint(self._mono())
+
+    # -- control events --------------------------------------------------------------------
+
+    async def _room(self) -> None:
+        while not self._publisher.has_space():
+            await self._publisher.wait_for_space()
+
+    async def emit(self, pending: Pending) -> None:
+        """Seal and queue an event from outside the frame path, waiting for queue room."""
+        await self._room()
+        self._seal_and_offer(pending, last_in_batch=True, now_s=self._mono())
+
+    async def open(self, *, host_id: str, socket_path: str, signing_mode: str) -> None:
+        self.socket_path = socket_path
+        targets = {
+            k: v
+            for k, v in {
+                "nftFamily": self.spec.nft_family,
+                "nftTable": self.spec.nft_table,
+                "netns": self.spec.netns,
+                "cgroupPath": self.spec.cgroup_path,
+                "fcApiSocket": self.spec.fc_api_socket,
+                "fcMetricsPath": self.spec.fc_metrics_path,
+                "tapIface": self.spec.tap_iface,
+                "vsockCid": self.spec.vsock_cid,
+            }.items()
+            if v is not None
+        }
+        await self.emit(
+            chain_event(
+                self.ctx,
+                "opened",
+                self._wall.now(),
+                {
+                    "hostId": host_id,
+                    "producerVersion": __version__,
+                    "signkid": self._signer.kid,
+                    "publicKey": self._signer.public_key_b64,
+                    "chainId": self.ctx.chain_id,
+                    "socketPath": socket_path,
+                    "probeTargets": targets,
+                    "signingMode": signing_mode,
+                },
+            )
+        )
+
+    async def run_tick(self) -> None:
+        """Periodic duties: the silence watchdog (SPEC 8) and the time-based checkpoint."""
+        if self.sealed:
+            return
+        now_s = self._mono()
+        window_ms = self._settings.silence_window_ms
+        silent_ms = int((now_s - self._last_frame_s) * 1000)
+        if not self._silenced and silent_ms > window_ms:
+            self._silenced = True  # at most once per chain
+            await self.emit(
+                silenced_event(
+                    self.ctx,
+                    self._wall.now(),
+                    window_ms=window_ms,
+                    silent_for_ms=silent_ms,
+                    last_frame_at=self._last_frame_at,
+                )
+            )
+        if (
+            self._since_checkpoint
+            and now_s - self._last_checkpoint_s >= self._settings.checkpoint_interval_s
+        ):
+            await self._room()
+            self._checkpoint(self._mono())
+
+    async def seal(self, reason: str) -> None:
+        """Stop the listener, queue what was read, then the ``sealed`` event (always last)."""
+        await self.listener.close()
+        while self._batch:
+            if self._flush():
+                break
+            if self._waiter is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._waiter
+        if self._waiter is not None and not self._waiter.done():
+            await self._waiter
+        if self._cover is not None:
+            self._cover.cancel()
+            self._cover = None
+        final = sequence_str(self._sealer.sequence + 1)
+        await self.emit(
+            chain_event(
+                self.ctx, "sealed", self._wall.now(), {"reason": reason, "finalSequence": final}
+            )
+        )
+        self.sealed = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for the live view and the logs."""
+        c = self.counters
+        return {
+            "cell_id": self.cell_id,
+            "run_id": self.ctx.run_id,
+            "accepted": c.accepted,
+            "rejected": dict(c.rejected),
+            "events": c.events,
+            "signed": c.signed,
+            "dropped": c.dropped_full,
+            "connections": c.connections_open,
+            "sequence": self._sealer.sequence,
+        }

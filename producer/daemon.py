@@ -1,0 +1,176 @@
+"""The producer process: startup, serve, graceful shutdown.
+
+Startup order matters for the delivery promise: the broker connection and the stream check
+come first (a stream that cannot hold the promise stops us before any cell is opened), then
+cells are registered, each binding its socket before its VM may boot. Shutdown runs the
+other way round and is idempotent: stop reading, seal every chain, wait (up to a grace
+period) for the PubAcks, disconnect, stop the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from producer.config import Config
+from producer.embedded import EmbeddedNats
+from producer.errors import BrokerError
+from producer.listener import VsockRouter
+from producer.logs import event
+from producer.publisher import Publisher, PublisherOptions
+from producer.registry import Registry
+from producer.signing import Signer
+from producer.signpolicy import SignBudget, SigningPolicy
+from producer.stream import ensure_stream
+
+log = logging.getLogger(__name__)
+
+ADAPTIVE_SIGN_SHARE = 0.25
+"""Adaptive mode lets signing take at most this share of one core (SPEC 5.1): at ordinary
+rates that signs every event, under bursts the rest of the pipeline keeps three quarters."""
+
+
+def measure_sign_cost(signer: Signer, rounds: int = 64) -> float:
+    """Seconds per signature on this host, so the adaptive budget fits this CPU."""
+    sample = b"x" * 700
+    start = time.perf_counter()
+    for _ in range(rounds):
+        signer.sign(sample)
+    return (time.perf_counter() - start) / rounds
+
+
+def make_policy(config: Config, signer: Signer) -> SigningPolicy:
+    s = config.signing
+    budget = None
+    if s.mode == "adaptive":
+        rate = ADAPTIVE_SIGN_SHARE / measure_sign_cost(signer)
+        budget = SignBudget(rate, burst=max(8.0, rate / 50), now_s=time.monotonic())
+    return SigningPolicy(
+        strict=s.mode == "strict",
+        max_unsigned=s.max_unsigned,
+        max_unsigned_ms=s.max_unsigned_ms,
+        budget=budget,
+    )
+
+
+class Producer:
+    def __init__(self, config: Config, *, signer: Signer | None = None) -> None:
+        self.config = config
+        self.signer = signer
+        self.embedded: EmbeddedNats | None = None
+        self.publisher: Publisher | None = None
+        self.registry: Registry | None = None
+        self.vsock: VsockRouter | None = None
+        self.nats_url = config.nats.url or ""
+        self._stop = asyncio.Event()
+        self._shutdown_done = False
+
+    async def startup(self) -> None:
+        cfg = self.config
+        if self.signer is None:
+            self.signer = Signer.load(cfg.signing.key_file, kid=cfg.signing.kid)
+        if cfg.nats.url is None:
+            store = os.path.join(cfg.data_dir, "nats")
+            os.makedirs(store, mode=0o700, exist_ok=True)
+            self.embedded = EmbeddedNats(store_dir=store)
+            await self.embedded.start()
+            self.nats_url = self.embedded.url
+            log.info("embedded_nats_started", extra={"fields": {"url": self.nats_url}})
+        self.publisher = Publisher(
+            PublisherOptions(
+                url=self.nats_url,
+                stream=cfg.nats.stream,
+                max_pending=cfg.queue.max_events,
+                max_inflight=cfg.nats.max_inflight,
+                ack_timeout_s=cfg.nats.ack_timeout_s,
+                connect_timeout_s=cfg.nats.connect_timeout_s,
+                credentials=cfg.nats.credentials,
+                name=f"cellos-producer@{cfg.host_id}",
+            )
+        )
+        await self.publisher.start()
+        check = await ensure_stream(
+            self.publisher.nc.jetstream(),
+            name=cfg.nats.stream,
+            subject_prefix=cfg.nats.subject_prefix,
+            duplicate_window_s=cfg.nats.duplicate_window_s,
+            create=cfg.nats.create_stream,
+        )
+        for warning in check.warnings:
+            event(log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning)
+        if cfg.listener.vsock:
+            self.vsock = VsockRouter(cfg.listener.vsock_port)
+            await self.vsock.start()
+        self.registry = Registry(
+            cfg,
+            signer=self.signer,
+            policy=make_policy(cfg, self.signer),
+            publisher=self.publisher,
+            vsock=self.vsock,
+        )
+        for spec in cfg.cells:
+            await self.registry.register(spec)
+        self.registry.start_ticker()
+        log.info(
+            "producer_started",
+            extra={
+                "fields": {
+                    "host_id": cfg.host_id,
+                    "nats": self.nats_url,
+                    "stream": cfg.nats.stream,
+                    "cells": len(cfg.cells),
+                    "signing": cfg.signing.mode,
+                    "kid": self.signer.kid,
+                }
+            },
+        )
+
+    def request_shutdown(self) -> None:
+        self._stop.set()
+
+    async def serve(self, *, install_signals: bool = True) -> None:
+        """Run until SIGTERM/SIGINT (or ``request_shutdown``), then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_shutdown)
+        try:
+            await self.startup()
+            await self._stop.wait()
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def shutdown(self, grace_s: float = 10.0) -> bool:
+        """Seal every chain and wait up to ``grace_s`` for their PubAcks. Idempotent.
+
+        Returns whether everything queued was acknowledged in time.
+        """
+        if self._shutdown_done:
+            return True
+        self._shutdown_done = True
+        drained = True
+        if self.registry is not None:
+            await self.registry.stop_ticker()
+            await self.registry.deregister_all("producer_shutdown")
+        if self.vsock is not None:
+            await self.vsock.close()
+        if self.publisher is not None:
+            drained = await self.publisher.drain(grace_s)
+            if not drained:
+                log.error(
+                    "shutdown_unacked_events",
+                    extra={"fields": {"backlog": self.publisher.backlog}},
+                )
+            await self.publisher.close()
+        if self.embedded is not None:
+            with contextlib.suppress(BrokerError):
+                await self.embedded.stop()
+        log.info("producer_stopped", extra={"fields": {"drained": drained}})
+        return drained

@@ -1,0 +1,164 @@
+"""Stamping and CloudEvent construction (SPEC 3, 4, 6): pure, no clocks, no I/O.
+
+Everything that attributes an event (cell, run, spec hash, host time) comes from the
+:class:`ChainContext` built at registration and from the timestamp the caller passes in,
+never from guest bytes: a guest can only choose the values of the five declaration fields.
+Events are plain dicts on the hot path; ``schemas.events`` holds their contract.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from producer.canonical import canonical
+from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
+from schemas.wire import Declaration
+
+STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json"
+
+
+def rfc3339_us(epoch_ns: int) -> str:
+    """RFC 3339 UTC with microseconds and ``Z`` (SPEC 3), from nanoseconds since the epoch."""
+    secs, ns = divmod(epoch_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1000:06d}Z"
+
+
+class Rfc3339Clock:
+    """Formats host wall-clock readings, caching the per-second prefix: the hot path stamps
+    every frame and ``strftime`` per event would be a measurable share of it."""
+
+    __slots__ = ("_prefix", "_second", "_wall_ns")
+
+    def __init__(self, wall_ns: Any = time.time_ns) -> None:
+        self._wall_ns = wall_ns
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        secs, ns = divmod(self._wall_ns(), 1_000_000_000)
+        if secs != self._second:
+            self._second = secs
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs))
+        return f"{self._prefix}{ns // 1000:06d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainContext:
+    """What the host knows about one chain (one registration of a cell)."""
+
+    host_id: str
+    cell_id: str
+    run_id: str
+    spec_signature_hash: str
+    chain_id: str
+    subject_prefix: str
+    source: str = field(init=False)
+    subject_base: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", f"urn:cellos:host:{self.host_id}")
+        object.__setattr__(self, "subject_base", f"{self.subject_prefix}.{self.cell_id}")
+
+    def stamped(self, at: str) -> dict[str, Any]:
+        """The four fields every ``data`` carries (SPEC 3)."""
+        return {
+            "cellId": self.cell_id,
+            "runId": self.run_id,
+            "specSignatureHash": self.spec_signature_hash,
+            "hostReceivedAt": at,
+        }
+
+    def envelope(self, type_: str, at: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A CloudEvent without ``id``/``sequence``/``prevhash``: those belong to the chain."""
+        return {
+            "specversion": "1.0",
+            "source": self.source,
+            "subject": self.cell_id,
+            "type": type_,
+            "time": at,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+
+
+@dataclass(slots=True)
+class Pending:
+    """An event waiting for its place in the chain, with the subject it will go to."""
+
+    subject: str
+    event: dict[str, Any]
+    control: bool = False
+    """Chain events (opened/checkpoint/gap/sealed) are always signed (SPEC 5.1)."""
+
+
+def guest_kind(probe_source: str) -> str:
+    return probe_source.replace(".", "_")
+
+
+def guest_event(ctx: ChainContext, decl: Declaration, at: str) -> Pending:
+    kind = guest_kind(decl.probe_source)
+    data = ctx.stamped(at)
+    data["probeSource"] = decl.probe_source
+    data["contentVersion"] = decl.content_version
+    data["guestPid"] = decl.guest_pid
+    data["guestComm"] = decl.guest_comm
+    data["guestMonotonicNs"] = decl.guest_monotonic_ns
+    return Pending(f"{ctx.subject_base}.guest.{kind}", ctx.envelope(GUEST_TYPE + kind, at, data))
+
+
+def silenced_event(
+    ctx: ChainContext, at: str, *, window_ms: int, silent_for_ms: int, last_frame_at: str | None
+) -> Pending:
+    data = ctx.stamped(at)
+    data["windowMs"] = window_ms
+    data["silentForMs"] = silent_for_ms
+    data["lastFrameAt"] = last_frame_at
+    kind = "agent_silenced"
+    return Pending(f"{ctx.subject_base}.guest.{kind}", ctx.envelope(GUEST_TYPE + kind, at, data))
+
+
+def host_event(
+    ctx: ChainContext, probe: str, at: str, inputs: dict[str, Any], output: dict[str, Any]
+) -> Pending:
+    data = ctx.stamped(at)
+    data["probeSource"] = f"host.{probe}"
+    data["inputs"] = inputs
+    data["output"] = output
+    return Pending(f"{ctx.subject_base}.host.{probe}", ctx.envelope(HOST_TYPE + probe, at, data))
+
+
+def chain_event(ctx: ChainContext, kind: str, at: str, fields: dict[str, Any]) -> Pending:
+    """``opened``/``checkpoint``/``gap``/``sealed`` with their kind-specific fields."""
+    data = ctx.stamped(at)
+    data.update(fields)
+    return Pending(
+        f"{ctx.subject_base}.chain.{kind}",
+        ctx.envelope(CHAIN_TYPE + kind, at, data),
+        control=True,
+    )
+
+
+def sequence_str(seq: int) -> str:
+    return f"{seq:020d}"
+
+
+def nats_headers(event: dict[str, Any], *, binary: bool) -> dict[str, str]:
+    """Headers of the CloudEvents NATS binding (SPEC 6) for a sealed event.
+
+    Structured mode (default) needs only the message id and content type; binary mode moves
+    every attribute except ``data`` into ``ce-`` headers.
+    """
+    if not binary:
+        return {"Nats-Msg-Id": event["id"], "Content-Type": STRUCTURED_CONTENT_TYPE}
+    headers = {"Nats-Msg-Id": event["id"], "Content-Type": event["datacontenttype"]}
+    for key, value in event.items():
+        if key not in ("data", "datacontenttype"):
+            headers["ce-" + key] = str(value)
+    return headers
+
+
+def binary_payload(event: dict[str, Any]) -> bytes:
+    """Binary-mode body: the canonical JSON of ``data`` alone."""
+    return canonical(event["data"])

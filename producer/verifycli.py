@@ -1,0 +1,86 @@
+"""``cellos-producer verify``: fetch chains from JetStream, verify, print one line per chain."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import msgspec
+import nats
+import nats.errors
+
+from producer.errors import BrokerError
+from producer.replay import fetch_history
+from producer.signing import load_trust
+from producer.verify import ChainReport, group_chains, verify_chain
+
+
+async def collect_reports(
+    nats_url: str,
+    *,
+    trust: dict[str, bytes],
+    stream: str,
+    subject_prefix: str,
+    cells: list[str] | None = None,
+) -> list[ChainReport]:
+    """Verify every chain found under the prefix (or only those of ``cells``)."""
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot connect to NATS at {nats_url}: {exc!r}") from exc
+    try:
+        subjects = [f"{subject_prefix}.{c}.>" for c in cells] if cells else [f"{subject_prefix}.>"]
+        payloads: list[bytes] = []
+        for subject in subjects:
+            payloads.extend(await fetch_history(nc, stream=stream, subject=subject))
+    finally:
+        await nc.close()
+    chains = group_chains(payloads)
+    return [verify_chain(chain, trust) for _, chain in sorted(chains.items())]
+
+
+def print_reports(reports: list[ChainReport], out: TextIO, *, as_json: bool = False) -> None:
+    if as_json:
+        out.write(msgspec.json.encode([_report_dict(r) for r in reports]).decode() + "\n")
+        return
+    for r in reports:
+        status = "OK  " if r.ok else "FAIL"
+        state = "sealed" if r.sealed else "open"
+        out.write(
+            f"{status} cell={r.cell_id} run={r.run_id} events={r.events} "
+            f"seq={r.first_sequence}..{r.last_sequence} signed={r.signed} {state}"
+            f"{f' gaps={len(r.gaps)}' if r.gaps else ''}"
+            f"{f' unsigned_tail={r.unsigned_tail}' if r.unsigned_tail else ''}\n"
+        )
+        for problem in r.problems:
+            out.write(f"     - {problem}\n")
+    bad = sum(not r.ok for r in reports)
+    out.write(f"{len(reports)} chain(s), {len(reports) - bad} verified, {bad} failed\n")
+
+
+def _report_dict(r: ChainReport) -> dict[str, Any]:
+    return msgspec.to_builtins(r)  # type: ignore[no-any-return]
+
+
+async def verify_from_nats(
+    nats_url: str,
+    *,
+    trust_path: str,
+    stream: str,
+    subject_prefix: str,
+    cell: str | None,
+    as_json: bool = False,
+) -> int:
+    trust = load_trust(trust_path)
+    reports = await collect_reports(
+        nats_url,
+        trust=trust,
+        stream=stream,
+        subject_prefix=subject_prefix,
+        cells=[cell] if cell else None,
+    )
+    print_reports(reports, sys.stdout, as_json=as_json)
+    if not reports:
+        print("no chains found", file=sys.stderr)
+        return 1
+    return 0 if all(r.ok for r in reports) else 1
