@@ -165,7 +165,8 @@ class CellRuntime:
         binary = self._settings.binary_mode
         payload = binary_payload(event) if binary else sealed.payload
         self._publisher.offer(
-            OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary))
+            OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary)),
+            force=True,
         )
         self.counters.events += 1
         if sign:
@@ -181,11 +182,14 @@ class CellRuntime:
         now_s = self._mono()
         last = len(batch) - 1
         done = 0
+        every = self._settings.checkpoint_every
         for i, pending in enumerate(batch):
             if not publisher.has_space():
                 break
             self._seal_and_offer(pending, last_in_batch=i == last, now_s=now_s)
             done = i + 1
+            if self._since_checkpoint >= every:
+                self._checkpoint(now_s)
         if done == len(batch):
             batch.clear()
             self._after_batch(now_s)
@@ -232,8 +236,6 @@ class CellRuntime:
             self.listener.resume()
 
     def _after_batch(self, now_s: float) -> None:
-        if self._since_checkpoint >= self._settings.checkpoint_every:
-            self._checkpoint(now_s)
         due = self._policy.cover_due(self._unsigned, now_s)
         if due is not None and self._cover is None:
             self._cover = asyncio.get_running_loop().call_later(due, self._cover_tail)

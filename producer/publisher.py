@@ -85,7 +85,7 @@ AckCallback = Callable[[OutMsg, PubAck], None]
 
 def default_retry_wait() -> tenacity.wait.wait_base:
     """Exponential backoff with jitter, capped: a broker outage should not cause a storm."""
-    return tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2)
+    return tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2)
 
 
 @dataclass
@@ -251,9 +251,14 @@ class Publisher:
     def has_space(self) -> bool:
         return len(self._pending) < self.opts.max_pending
 
-    def offer(self, msg: OutMsg) -> bool:
-        """Queue ``msg`` without waiting; False (and nothing queued) when the queue is full."""
-        if len(self._pending) >= self.opts.max_pending:
+    def offer(self, msg: OutMsg, *, force: bool = False) -> bool:
+        """Queue ``msg`` without waiting; False (and nothing queued) when the queue is full.
+
+        ``force`` queues it regardless: for an event already sealed into its chain, which
+        must not be lost. Callers check :meth:`has_space` before sealing, so forcing only
+        ever overshoots the bound by the few chain events sealed in the same step.
+        """
+        if len(self._pending) >= self.opts.max_pending and not force:
             self._space.clear()
             return False
         self._pending.append(msg)

@@ -1,0 +1,355 @@
+"""The whole path against real nats-server processes: socket -> events in JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import msgspec
+import pytest
+from cloudevents.core.formats.json import JSONFormat
+
+from producer.embedded import EmbeddedNats
+from producer.errors import RegistrationError
+from producer.simulator import frames, run_guest
+from producer.wire import encode_frame
+from schemas.events import CHAIN_TYPE, GUEST_TYPE
+from schemas.generate import HERE as SCHEMA_DIR
+from tests.support import (
+    VECTORS,
+    cell_spec,
+    eventually,
+    running_producer,
+    send_stream,
+    short_dir,
+    verified,
+)
+
+CAMEL = {
+    "content_version": "contentVersion",
+    "probe_source": "probeSource",
+    "guest_pid": "guestPid",
+    "guest_comm": "guestComm",
+    "guest_monotonic_ns": "guestMonotonicNs",
+}
+
+
+def _schema(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((SCHEMA_DIR / name).read_text())
+    return loaded
+
+
+def _data_schema_for(type_: str) -> dict[str, Any]:
+    if type_ == GUEST_TYPE + "agent_silenced":
+        return _schema("data.agent_silenced.schema.json")
+    if type_.startswith(GUEST_TYPE):
+        return _schema("data.guest.schema.json")
+    kind = type_.removeprefix(CHAIN_TYPE)
+    return _schema(f"data.chain_{kind}.schema.json")
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
+async def test_vector_through_real_socket(
+    nats_server: EmbeddedNats, vector: dict[str, Any]
+) -> None:
+    data = bytes.fromhex(vector["stream_hex"])
+    rejected = vector["rejected"]
+    peer_leaves = vector["closes_connection"] and "FrameTooLarge" not in rejected
+    async with running_producer(nats_server.url) as (producer, signer, _):
+        assert producer.registry is not None
+        cell = producer.registry.cells["cell-1"]
+        closed = await asyncio.to_thread(
+            send_stream,
+            cell.socket_path,
+            data,
+            half_close=peer_leaves,
+            wait_close_s=5.0 if vector["closes_connection"] else 0.5,
+        )
+        if not peer_leaves:
+            # The producer closes only on a framing error; body errors keep the connection.
+            assert closed == vector["closes_connection"]
+        await eventually(lambda: sum(cell.counters.rejected.values()) == len(rejected))
+        await eventually(lambda: cell.counters.accepted == len(vector["accepted"]))
+        assert cell.counters.rejected == Counter(rejected)
+        await producer.registry.deregister("cell-1")
+        assert producer.publisher is not None
+        assert await producer.publisher.drain(10)
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    assert report.sealed
+    guest = [e for e in events if e["type"].startswith(GUEST_TYPE)]
+    assert [{k: e["data"][CAMEL[k]] for k in CAMEL} for e in guest] == vector["accepted"]
+    for e in guest:
+        # Attribution comes from the socket, whatever the payload said.
+        assert e["data"]["cellId"] == "cell-1"
+        assert e["subject"] == "cell-1"
+        assert e["type"] == GUEST_TYPE + e["data"]["probeSource"].replace(".", "_")
+
+
+async def test_published_events_match_schemas_and_cloudevents_sdk(
+    nats_server: EmbeddedNats,
+) -> None:
+    async with running_producer(nats_server.url, chain={"checkpoint_every": 25}) as (
+        producer,
+        signer,
+        _,
+    ):
+        assert producer.registry is not None
+        path = producer.registry.cells["cell-1"].socket_path
+        sent = await run_guest(path, rate=0, count=120, seed=3)
+        assert sent == 120
+        await eventually(lambda: producer.registry.cells["cell-1"].counters.accepted == 120)
+        await producer.registry.deregister("cell-1")
+        assert await producer.publisher.drain(10)  # type: ignore[union-attr]
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    envelope = _schema("envelope.schema.json")
+    types = Counter(e["type"].rsplit(".", 1)[1] for e in events)
+    assert types["opened"] == 1 and types["sealed"] == 1 and types["checkpoint"] >= 4
+    assert (
+        sum(
+            types[k]
+            for k in (
+                "process_spawned",
+                "process_exited",
+                "capability_denied",
+                "net_connect_attempted",
+                "fs_inotify_fired",
+            )
+        )
+        == 120
+    )
+    fmt = JSONFormat()
+    for e in events:
+        jsonschema.validate(e, envelope)
+        jsonschema.validate(e["data"], _data_schema_for(e["type"]))
+        ce = fmt.read(None, json.dumps(e).encode())
+        assert ce.get_id() == e["id"]
+        assert ce.get_type() == e["type"]
+        assert ce.get_source() == "urn:cellos:host:test-host"
+        assert ce.get_subject() == "cell-1"
+        assert ce.get_extension("sequence") == e["sequence"]
+        assert ce.get_extension("prevhash") == e["prevhash"]
+        assert ce.get_data() == e["data"]
+    assert [e["sequence"] for e in events] == [f"{i:020d}" for i in range(1, len(events) + 1)]
+    assert events[0]["prevhash"] == ""
+
+
+async def test_strict_mode_signs_every_event(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, signing={"mode": "strict"}) as (p, signer, _):
+        assert p.registry is not None
+        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=300, seed=1)
+        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 300)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    assert all("signature" in e and "signkid" in e for e in events)
+    assert report.signed == report.events
+
+
+async def test_adaptive_mode_thins_signatures_under_burst_within_bounds(
+    nats_server: EmbeddedNats,
+) -> None:
+    max_unsigned = 16
+    async with running_producer(
+        nats_server.url, signing={"max_unsigned": max_unsigned, "max_unsigned_ms": 100}
+    ) as (p, signer, _):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        # One burst: 3000 frames in a single write, so reads carry many frames each.
+        burst = b"".join(encode_frame(d) for d, _ in zip(frames(9), range(3000), strict=False))
+        await asyncio.to_thread(send_stream, cell.socket_path, burst, half_close=True)
+        await eventually(lambda: cell.counters.accepted == 3000)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    assert report.signed < report.events, "a burst should thin signatures out"
+    run = 0
+    for e in events:
+        run = 0 if "signature" in e else run + 1
+        assert run <= max_unsigned
+    for e in events:
+        if e["type"].startswith(CHAIN_TYPE):
+            assert "signature" in e
+
+
+async def test_adaptive_mode_signs_every_event_at_ordinary_rates(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url) as (p, signer, _):
+        assert p.registry is not None
+        await run_guest(p.registry.cells["cell-1"].socket_path, rate=200, count=40, seed=2)
+        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 40)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, _events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok and report.signed == report.events
+
+
+async def test_binary_mode_round_trips(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, nats={"mode": "binary"}) as (p, signer, _):
+        assert p.registry is not None
+        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=30, seed=4)
+        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 30)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        import nats
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            msg = await js.get_msg("CELLOS_TELEMETRY", seq=2)
+        finally:
+            await nc.close()
+        assert msg.headers is not None and msg.headers["ce-specversion"] == "1.0"
+        assert msg.headers["ce-sequence"] == "00000000000000000002"
+        assert json.loads(msg.data or b"")["cellId"] == "cell-1"
+        report, _ = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    assert report.events == 32
+
+
+async def test_socket_bound_before_register_returns_with_mode(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, cells=0) as (p, _, base):
+        assert p.registry is not None
+        spec = cell_spec(base, 7)
+        # A stale socket from an earlier run is replaced...
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(f"{spec.vsock_uds_base}_9001")
+        stale.close()
+        cell = await p.registry.register(spec)
+        st = os.stat(cell.socket_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        # ...but a regular file is never deleted.
+        other = cell_spec(base, 8)
+        Path(f"{other.vsock_uds_base}_9001").write_text("not a socket")
+        with pytest.raises(RegistrationError, match="not a socket"):
+            await p.registry.register(other)
+        assert Path(f"{other.vsock_uds_base}_9001").read_text() == "not a socket"
+        with pytest.raises(RegistrationError, match="already registered"):
+            await p.registry.register(spec)
+        await p.registry.deregister("cell-7")
+        assert not os.path.exists(cell.socket_path)
+        with pytest.raises(RegistrationError, match="already sealed"):
+            await p.registry.register(spec)
+
+
+@pytest.mark.parametrize("bad", ["cell 1", "a.b", "*", ">", "x" * 65, ""])
+async def test_bad_cell_ids_refused_at_registration(nats_server: EmbeddedNats, bad: str) -> None:
+    async with running_producer(nats_server.url, cells=0) as (p, _, base):
+        assert p.registry is not None
+        spec = msgspec.structs.replace(cell_spec(base, 1), cell_id=bad)
+        with pytest.raises(RegistrationError):
+            await p.registry.register(spec)
+        assert not os.path.exists(f"{spec.vsock_uds_base}_9001")
+
+
+async def test_concurrent_and_sequential_connections(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url) as (p, signer, _):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        await asyncio.gather(
+            *(run_guest(cell.socket_path, rate=0, count=100, seed=s) for s in range(5))
+        )
+        await run_guest(cell.socket_path, rate=0, count=50, seed=9)
+        await eventually(lambda: cell.counters.accepted == 550)
+        assert cell.counters.connections_opened == 6
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, _ = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok and report.sealed
+
+
+async def test_framing_error_closes_only_that_connection(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, cells=2) as (p, signer, _):
+        assert p.registry is not None
+        one, two = p.registry.cells["cell-1"], p.registry.cells["cell-2"]
+        good = b"".join(encode_frame(d) for d, _ in zip(frames(1), range(10), strict=False))
+        keep = socket.socket(socket.AF_UNIX)
+        keep.connect(one.socket_path)
+        keep.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(keep, good)
+        oversize = (5000).to_bytes(4, "little") + b"\0" * 10
+        closed = await asyncio.to_thread(send_stream, one.socket_path, oversize, half_close=False)
+        assert closed
+        await loop.sock_sendall(keep, good)
+        await run_guest(two.socket_path, rate=0, count=10, seed=2)
+        await eventually(lambda: one.counters.accepted == 20 and two.counters.accepted == 10)
+        assert one.counters.rejected == Counter({"FrameTooLarge": 1})
+        keep.close()
+
+
+async def test_agent_silenced_fires_once(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, silence={"window_ms": 200}) as (p, signer, _):
+        assert p.registry is not None
+        await asyncio.sleep(0.9)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok
+    silenced = [e for e in events if e["type"] == GUEST_TYPE + "agent_silenced"]
+    assert len(silenced) == 1
+    assert silenced[0]["data"]["silentForMs"] > 200
+    assert silenced[0]["data"]["lastFrameAt"] is None
+
+
+async def test_broker_restart_loses_and_duplicates_nothing(nats_server: EmbeddedNats) -> None:
+    async with running_producer(nats_server.url, nats={"ack_timeout_s": 1.0}) as (p, signer, _):
+        assert p.registry is not None and p.publisher is not None
+        cell = p.registry.cells["cell-1"]
+        guest = asyncio.create_task(run_guest(cell.socket_path, rate=400, count=1200, seed=5))
+        await eventually(lambda: cell.counters.accepted > 200)
+        nats_server.kill()
+        await asyncio.sleep(1.0)
+        await nats_server.restart()
+        await guest
+        await eventually(lambda: cell.counters.accepted == 1200, timeout=20)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(30)
+        assert p.publisher.stats.reconnects >= 1
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    assert report.ok, report.problems
+    assert report.sealed
+    assert not report.duplicates
+    assert report.events == len({e["sequence"] for e in events})
+
+
+async def test_unreachable_broker_at_start_is_retried(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = EmbeddedNats(tmp_path / "late", port=port)
+    starter = asyncio.create_task(asyncio.sleep(1.5))
+
+    async def start_late() -> None:
+        await starter
+        await server.start()
+
+    late = asyncio.create_task(start_late())
+    try:
+        async with running_producer(f"nats://127.0.0.1:{port}") as (p, signer, _):
+            assert p.registry is not None
+            assert "cell-1" in p.registry.cells
+    finally:
+        await late
+        await server.stop()
+
+
+async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
+    async with running_producer(nats_server_29.url) as (p, signer, _):
+        assert p.registry is not None
+        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=50, seed=6)
+        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 50)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        report, _ = await verified(nats_server_29.url, "cell-1", signer)
+    assert report.ok and report.sealed and report.events == 52

@@ -1,0 +1,120 @@
+"""Helpers for tests that run the real pipeline against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+
+from producer.config import CellSpec, Config
+from producer.daemon import Producer
+from producer.replay import fetch_history
+from producer.signing import Signer, b64url_decode, generate_key_file
+from producer.verify import ChainReport, verify_chain
+
+VECTORS_PATH = Path(__file__).parents[2] / "shared" / "vectors" / "guest-frames" / "vectors.json"
+VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())["vectors"]
+
+
+def short_dir() -> str:
+    """Unix socket paths must fit in 107 bytes; pytest's tmp_path can be longer."""
+    return tempfile.mkdtemp(prefix="cp", dir="/tmp")
+
+
+def cell_spec(base_dir: str, n: int = 1, **extra: Any) -> CellSpec:
+    return CellSpec(
+        cell_id=f"cell-{n}",
+        run_id="run-1",
+        spec_signature_hash="sha256:" + secrets.token_hex(32),
+        vsock_uds_base=f"{base_dir}/c{n}",
+        **extra,
+    )
+
+
+def make_config(
+    url: str, key_file: str, cells: tuple[CellSpec, ...] = (), **sections: Any
+) -> Config:
+    raw: dict[str, Any] = {
+        "host_id": "test-host",
+        "data_dir": "/tmp",
+        "nats": {"url": url, **sections.pop("nats", {})},
+        "signing": {"key_file": key_file, **sections.pop("signing", {})},
+        "cells": [msgspec.to_builtins(c) for c in cells],
+        **sections,
+    }
+    return msgspec.convert(raw, Config)
+
+
+def trust_of(signer: Signer) -> dict[str, bytes]:
+    raw = b64url_decode(signer.public_key_b64, 32)
+    assert raw is not None
+    return {signer.kid: raw}
+
+
+@contextlib.asynccontextmanager
+async def running_producer(
+    url: str, *, cells: int = 1, **sections: Any
+) -> AsyncIterator[tuple[Producer, Signer, str]]:
+    """A started Producer with ``cells`` cells (ids cell-1..N); shut down on exit."""
+    base = short_dir()
+    signer = generate_key_file(f"{base}/signing.key")
+    specs = tuple(cell_spec(base, i) for i in range(1, cells + 1))
+    producer = Producer(make_config(url, f"{base}/signing.key", specs, **sections), signer=signer)
+    try:
+        await producer.startup()
+        yield producer, signer, base
+    finally:
+        await producer.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def history(url: str, cell_id: str, *, stream: str = "CELLOS_TELEMETRY") -> list[bytes]:
+    nc = await nats.connect(url)
+    try:
+        return await fetch_history(nc, stream=stream, subject=f"cellos.telemetry.{cell_id}.>")
+    finally:
+        await nc.close()
+
+
+async def verified(
+    url: str, cell_id: str, signer: Signer
+) -> tuple[ChainReport, list[dict[str, Any]]]:
+    payloads = await history(url, cell_id)
+    report = verify_chain(payloads, trust_of(signer))
+    events = sorted((msgspec.json.decode(p) for p in payloads), key=lambda e: e["sequence"])
+    return report, events
+
+
+def send_stream(path: str, data: bytes, *, half_close: bool, wait_close_s: float = 5.0) -> bool:
+    """Write ``data`` to the cell socket like a guest; True if the producer closed on us
+    within ``wait_close_s``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(path)
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(wait_close_s)
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
