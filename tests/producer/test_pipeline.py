@@ -28,7 +28,6 @@ from tests.support import (
     eventually,
     running_producer,
     send_stream,
-    short_dir,
     verified,
 )
 
@@ -269,7 +268,7 @@ async def test_concurrent_and_sequential_connections(nats_server: EmbeddedNats) 
 
 
 async def test_framing_error_closes_only_that_connection(nats_server: EmbeddedNats) -> None:
-    async with running_producer(nats_server.url, cells=2) as (p, signer, _):
+    async with running_producer(nats_server.url, cells=2) as (p, _signer, _):
         assert p.registry is not None
         one, two = p.registry.cells["cell-1"], p.registry.cells["cell-2"]
         good = b"".join(encode_frame(d) for d, _ in zip(frames(1), range(10), strict=False))
@@ -336,7 +335,7 @@ async def test_unreachable_broker_at_start_is_retried(tmp_path: Path) -> None:
 
     late = asyncio.create_task(start_late())
     try:
-        async with running_producer(f"nats://127.0.0.1:{port}") as (p, signer, _):
+        async with running_producer(f"nats://127.0.0.1:{port}") as (p, _signer, _):
             assert p.registry is not None
             assert "cell-1" in p.registry.cells
     finally:
