@@ -212,10 +212,13 @@ class SilenceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 class ProbesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Host-side probes (SPEC 8)."""
+    """Host-side probes (SPEC 8). Validated now so configs written today keep loading, but
+    this release runs no probe: only the interface in ``probes/`` exists."""
 
-    tick_s: Annotated[float, _doc("Seconds between probe rounds for each cell.")] = 10.0
-    enabled: Annotated[bool, _doc("Run host probes at all.")] = True
+    tick_s: Annotated[
+        float, _doc("Seconds between probe rounds for each cell (no probe runs yet).")
+    ] = 10.0
+    enabled: Annotated[bool, _doc("Run host probes at all (no probe runs yet).")] = True
 
 
 class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -225,7 +228,7 @@ class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     spool_full_policy: Annotated[
         Literal["block", "drop_newest"],
         _doc(
-            "When the spool is full: `block` readers (the guest agent drops and counts), or "
+            "When the event queue is full: `block` readers (the guest agent drops and counts), or "
             "`drop_newest` and record a `gap` event."
         ),
     ] = "block"
@@ -295,7 +298,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         ),
     ] = msgspec.field(default_factory=socket.gethostname)
     data_dir: Annotated[
-        str, _doc("Absolute path for the spool, chain state and the embedded broker.")
+        str, _doc("Absolute path for local state: the embedded broker's store (`nats/`).")
     ] = "/var/lib/cellos-producer"
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
