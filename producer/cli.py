@@ -62,10 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["adaptive", "strict"], default="adaptive")
     demo.add_argument("--binary", action="store_true", help="CloudEvents binary mode")
 
-    keygen = sub.add_parser("keygen", help="create an Ed25519 signing key file (mode 0600)")
+    keygen = sub.add_parser(
+        "keygen",
+        help="create an Ed25519 signing key file (mode 0600)",
+        description=(
+            "Create a new Ed25519 signing key (PEM PKCS#8, mode 0600) and print its key id "
+            "and public key. Refuses to overwrite an existing file."
+        ),
+    )
     keygen.add_argument("--out", required=True, metavar="FILE", help="key file to create")
 
-    pubkey = sub.add_parser("pubkey", help="print a key's kid/public key; write a trust file")
+    pubkey = sub.add_parser(
+        "pubkey",
+        help="print a key's kid/public key; write a trust file",
+        description=(
+            "Print the key id and public key of a signing key file, and optionally create "
+            "or merge the trust file verifiers use (SPEC 5.4: {kid: base64url public key})."
+        ),
+    )
     pubkey.add_argument("--key", required=True, metavar="FILE", help="signing key file")
     pubkey.add_argument("--kid", help="key id to use instead of the derived one")
     pubkey.add_argument(
@@ -75,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate-guest",
         help="act as the in-guest agent: connect to a cell socket and send frames",
+        description=(
+            "Behave like the guest agent (cellos-telemetry in the VM) behind Firecracker: "
+            "connect to a cell's "
+            "socket (<vsock_uds_base>_9001), reconnecting if needed, and write realistic "
+            "frames of every kind."
+        ),
     )
     sim.add_argument("--socket", required=True, metavar="PATH", help="<vsock_uds_base>_9001")
     sim.add_argument("--rate", type=float, default=10.0, help="frames/s; 0 = as fast as possible")
@@ -82,7 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=None)
 
     verify = sub.add_parser(
-        "verify", help="read chains back from JetStream and verify them (exit 1 on failure)"
+        "verify",
+        help="read chains back from JetStream and verify them (exit 1 on failure)",
+        description=(
+            "Read every chain (or one cell's) back from JetStream and check sequence "
+            "contiguity, prevhash links, signatures against the trust file, opened first and "
+            "sealed last. Prints one line per chain; exits 1 if any chain fails."
+        ),
     )
     verify.add_argument("--nats-url", required=True, metavar="URL")
     verify.add_argument("--trust", required=True, metavar="FILE", help="trust file (SPEC 5.4)")
@@ -204,3 +230,7 @@ COMMANDS = {
     "simulate-guest": _cmd_simulate,
     "verify": _cmd_verify,
 }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -139,8 +139,19 @@ class Producer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
         try:
-            await self.startup()
-            await self._stop.wait()
+            # A signal during startup (e.g. while the broker is still unreachable) must stop
+            # us too, not wait for startup to finish first.
+            starting = asyncio.create_task(self.startup())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()
+                await stopping
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                log.info("startup_interrupted")
         finally:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):

@@ -138,18 +138,24 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
             reraise=True,
         ):
             with attempt:
-                return await nats.connect(
+                # nats-py would retry a first connection forever, silently, when reconnects
+                # are allowed; so the first attempt fails fast and tenacity paces and logs
+                # the retries. Once connected, reconnecting forever is what we want.
+                nc = await nats.connect(
                     opts.url,
                     name=opts.name,
                     connect_timeout=max(1, int(opts.connect_timeout_s)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=1,
                     # Outbound bytes buffered while reconnecting; beyond it publishes wait.
                     pending_size=8 * 1024 * 1024,
                     **callbacks,
                     **kwargs,
                 )
+                nc.options["allow_reconnect"] = True
+                nc.options["max_reconnect_attempts"] = -1
+                return nc
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise BrokerError(f"cannot connect to NATS at {opts.url}: {exc!r}") from exc
     raise AssertionError("unreachable")  # pragma: no cover

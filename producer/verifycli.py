@@ -24,10 +24,23 @@ async def collect_reports(
     cells: list[str] | None = None,
 ) -> list[ChainReport]:
     """Verify every chain found under the prefix (or only those of ``cells``)."""
+    errors: list[BaseException] = []
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)  # nats-py would print a traceback per attempt otherwise
+
     try:
-        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
+        nc = await nats.connect(
+            nats_url,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            error_cb=remember,
+        )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise BrokerError(f"cannot connect to NATS at {nats_url}: {exc!r}") from exc
+        cause = errors[-1] if errors else exc
+        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        raise BrokerError(f"cannot connect to NATS at {nats_url}: {reason}") from exc
     try:
         subjects = [f"{subject_prefix}.{c}.>" for c in cells] if cells else [f"{subject_prefix}.>"]
         payloads: list[bytes] = []
