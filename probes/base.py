@@ -24,11 +24,11 @@ class ProbeError(Exception):
         super().__init__(f"probe {probe}: {reason}")
 
 
-class SourceMissing(ProbeError):
+class SourceMissingError(ProbeError):
     """The thing to read does not exist (no such table, cgroup, socket or interface)."""
 
 
-class SourceFailed(ProbeError):
+class SourceFailedError(ProbeError):
     """The source exists but reading or parsing it failed."""
 
 
