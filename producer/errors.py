@@ -57,6 +57,15 @@ class CanonicalizationError(ProducerError):
         super().__init__(reason)
 
 
+class ChainError(ProducerError):
+    """An event cannot be sealed into its chain (malformed envelope, no signer for a signed
+    event, sequence space exhausted, inconsistent restored head). The chain is unchanged."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class BrokerError(ProducerError):
     """Base for problems talking to NATS / JetStream."""
 

@@ -1,0 +1,303 @@
+"""Ed25519 signing key, key ids and trust files (SPEC 5.1, 5.4).
+
+Key file format: the private key as unencrypted PKCS#8 in PEM (``-----BEGIN PRIVATE
+KEY-----``), exactly what ``cryptography`` and ``openssl genpkey -algorithm ed25519`` write.
+It is a standard, self-describing container that operators can inspect and convert with
+stock tools, and a raw 32-byte seed would be indistinguishable from any other 32 bytes.
+The file is unencrypted because the daemon starts unattended; its protection is the file
+mode, so a file that grants anything to group or others is refused rather than used: a
+key that others could have read must be assumed copied.
+
+Trust file: a JSON object mapping key id to the base64url (unpadded) raw 32-byte public
+key, the shape CellOS uses for its verify-keys file, so one file serves both verifiers.
+
+All writes go to a temporary file in the target directory that is then moved into place,
+so a crash leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from typing import Final
+
+import msgspec
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from producer.errors import KeyFileError, TrustFileError
+
+PUBLIC_KEY_SIZE: Final = 32
+SIGNATURE_SIZE: Final = 64
+_MAX_KEY_FILE: Final = 64 * 1024
+_MAX_TRUST_FILE: Final = 1024 * 1024
+_TRUST_FILE_MODE: Final = 0o644
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def kid_for(public_raw: bytes) -> str:
+    """The default key id (SPEC 5.1): stable for a key, short enough for every event."""
+    return "ed25519:" + hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def b64url_encode(raw: bytes) -> str:
+    """Unpadded base64url, the form SPEC 5.1/5.4 fix for keys and signatures."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str, size: int) -> bytes | None:
+    """Decode unpadded base64url of exactly ``size`` bytes, or None.
+
+    Strict on purpose: only the one canonical spelling of a value is accepted (no padding,
+    no standard-alphabet characters, no stray low bits), so a signature or key string
+    cannot be re-spelled into different event bytes that still verify.
+    """
+    if len(text) != (size * 8 + 5) // 6 or not _B64URL.fullmatch(text):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != size or b64url_encode(raw) != text:
+        return None
+    return raw
+
+
+class Signer:
+    """The producer's private key with the id and public form that events carry."""
+
+    __slots__ = ("_sign", "kid", "public_key_b64", "public_raw")
+
+    def __init__(self, private_key: Ed25519PrivateKey, kid: str | None = None) -> None:
+        self.public_raw: Final = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.kid: Final = kid if kid is not None else kid_for(self.public_raw)
+        if not self.kid:
+            raise ValueError("a configured key id must not be empty")
+        self.public_key_b64: Final = b64url_encode(self.public_raw)
+        self._sign: Final = private_key.sign
+
+    def sign(self, data: bytes) -> str:
+        """Ed25519 over ``data``, as unpadded base64url (the event's ``signature``)."""
+        return b64url_encode(self._sign(data))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], kid: str | None = None) -> Signer:
+        """Load a key file (format in the module docstring); ``kid`` overrides the default.
+
+        Permissions are checked on the opened descriptor, so the file judged is the file
+        read even if the path is swapped meanwhile.
+        """
+        where = os.fspath(path)
+        try:
+            # O_NONBLOCK: a FIFO planted at the path must not hang startup; it is then
+            # refused below as not a regular file.
+            fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise KeyFileError(where, "does not exist") from None
+        except OSError as exc:
+            raise KeyFileError(where, f"cannot be opened: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyFileError(where, "is not a regular file")
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise KeyFileError(
+                    where,
+                    f"mode {mode:04o} grants access to group or others (chmod 600 it, "
+                    "and replace the key if others may have read it)",
+                )
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(_MAX_KEY_FILE + 1)
+        except OSError as exc:
+            raise KeyFileError(where, f"cannot be read: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        if len(data) > _MAX_KEY_FILE:
+            raise KeyFileError(where, "is too large to be a key file")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            raise KeyFileError(where, "is encrypted; an unencrypted PKCS#8 key is needed") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise KeyFileError(where, "is not a PEM PKCS#8 private key") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyFileError(where, f"holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key, kid)
+
+
+def generate_key_file(path: str | os.PathLike[str], kid: str | None = None) -> Signer:
+    """Create a new key file with mode 0600 and return its signer; never overwrites.
+
+    The key is written and synced under a temporary name created 0600 with O_EXCL, then
+    hard-linked to ``path``: the link fails if ``path`` exists (no overwrite, even racing
+    another writer), and ``path`` only ever names a complete key.
+    """
+    where = os.fspath(path)
+    if os.path.lexists(where):
+        raise KeyFileError(where, "already exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    directory = os.path.dirname(os.path.abspath(where))
+    try:
+        # mkstemp: O_CREAT | O_EXCL, mode 0600 (before umask, which can only remove bits)
+        fd, tmp = tempfile.mkstemp(prefix=".key-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise KeyFileError(where, f"cannot be created: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, where)
+    except FileExistsError:
+        raise KeyFileError(where, "already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise KeyFileError(where, f"cannot be written: {exc.strerror}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(directory)
+    return Signer(key, kid)
+
+
+@functools.lru_cache(maxsize=64)
+def _public_key(public_raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public_raw)
+
+
+def verify_signature(public_raw: bytes, data: bytes, signature_b64: str) -> bool:
+    """Whether ``signature_b64`` is a valid Ed25519 signature of ``data`` under the key.
+
+    A malformed signature string is simply not valid. A public key that is not 32 bytes
+    raises ``ValueError``: that is a caller's bug, not a property of the signed data.
+    """
+    if len(public_raw) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes")
+    signature = b64url_decode(signature_b64, SIGNATURE_SIZE)
+    if signature is None:
+        return False
+    try:
+        _public_key(public_raw).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def load_trust(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Read a trust file (SPEC 5.4): key id -> raw 32-byte public key.
+
+    A file listing no key is refused: a verifier holding it would reject everything,
+    which is almost certainly a deployment mistake worth a clear error.
+    """
+    where = os.fspath(path)
+    trust = _read_trust(where, missing_ok=False)
+    if not trust:
+        raise TrustFileError(where, "lists no keys")
+    return trust
+
+
+def merge_trust(path: str | os.PathLike[str], kid: str, public_raw: bytes) -> bool:
+    """Add ``kid`` -> ``public_raw`` to the trust file, creating it if needed.
+
+    Other keys are kept, so a rotated-out key still verifies old chains. The same kid
+    already naming a different key is refused: silently replacing it would make every
+    chain signed by the old key fail to verify (or, worse, hide a key swap). Returns
+    whether the file changed. Concurrent writers are not coordinated; each write is
+    atomic, but two racing merges may lose one of the additions.
+    """
+    where = os.fspath(path)
+    if len(public_raw) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes")
+    if not kid:
+        raise ValueError("a key id must not be empty")
+    trust = _read_trust(where, missing_ok=True)
+    known = trust.get(kid)
+    if known == public_raw:
+        return False
+    if known is not None:
+        raise TrustFileError(where, f"kid {kid!r} already names a different public key")
+    trust[kid] = public_raw
+    document = {k: b64url_encode(trust[k]) for k in sorted(trust)}
+    _write_atomically(where, msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n")
+    return True
+
+
+def _read_trust(where: str, *, missing_ok: bool) -> dict[str, bytes]:
+    try:
+        with open(where, "rb") as f:
+            data = f.read(_MAX_TRUST_FILE + 1)
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise TrustFileError(where, "does not exist") from None
+    except OSError as exc:
+        raise TrustFileError(where, f"cannot be read: {exc.strerror}") from exc
+    if len(data) > _MAX_TRUST_FILE:
+        raise TrustFileError(where, "is too large to be a trust file")
+    try:
+        document = msgspec.json.decode(data, type=dict[str, str])
+    except msgspec.ValidationError as exc:
+        raise TrustFileError(where, f"must map key ids to key strings: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise TrustFileError(where, f"is not JSON: {exc}") from None
+    trust: dict[str, bytes] = {}
+    for kid, encoded in document.items():
+        if not kid:
+            raise TrustFileError(where, "has an empty key id")
+        raw = b64url_decode(encoded, PUBLIC_KEY_SIZE)
+        if raw is None:
+            raise TrustFileError(
+                where, f"key {kid!r} is not an unpadded base64url 32-byte Ed25519 public key"
+            )
+        trust[kid] = raw
+    return trust
+
+
+def _write_atomically(where: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(where))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".trust-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise TrustFileError(where, f"cannot be written: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _TRUST_FILE_MODE)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, where)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise TrustFileError(where, f"cannot be written: {exc.strerror}") from exc
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename or link durable; best effort where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
