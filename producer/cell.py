@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer import __version__
-from producer.chain import ChainSealer
+from producer.chain import ChainSealer, format_sequence
 from producer.config import CellSpec
 from producer.events import (
     ChainContext,
@@ -28,7 +28,6 @@ from producer.events import (
     chain_event,
     guest_event,
     nats_headers,
-    sequence_str,
     silenced_event,
 )
 from producer.listener import CellListener
@@ -246,7 +245,7 @@ class CellRuntime:
             self.ctx,
             "checkpoint",
             self._wall.now(),
-            {"headSequence": sequence_str(seq), "headHash": head},
+            {"headSequence": format_sequence(seq), "headHash": head},
         )
         self._seal_and_offer(event, last_in_batch=True, now_s=now_s)
         self._since_checkpoint = 0
@@ -347,7 +346,7 @@ class CellRuntime:
         if self._cover is not None:
             self._cover.cancel()
             self._cover = None
-        final = sequence_str(self._sealer.sequence + 1)
+        final = format_sequence(self._sealer.sequence + 1)
         await self.emit(
             chain_event(
                 self.ctx, "sealed", self._wall.now(), {"reason": reason, "finalSequence": final}

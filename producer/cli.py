@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import sys
 from collections.abc import Sequence
 
@@ -188,10 +187,7 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     print(f"kid: {signer.kid}")
     print(f"public key: {signer.public_key_b64}")
     if args.trust_file:
-        raw = base64.urlsafe_b64decode(
-            signer.public_key_b64 + "=" * (-len(signer.public_key_b64) % 4)
-        )
-        merge_trust(args.trust_file, signer.kid, raw)
+        merge_trust(args.trust_file, signer.kid, signer.public_raw)
         print(f"trust file {args.trust_file} now lists {signer.kid}")
     return EXIT_OK
 

@@ -8,7 +8,6 @@ from JetStream and verified against the trust file the demo leaves in its data d
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import secrets
@@ -47,11 +46,6 @@ class DemoOptions:
 
 def _load_or_make_key(path: str) -> Signer:
     return Signer.load(path) if os.path.exists(path) else generate_key_file(path)
-
-
-def _raw_public(signer: Signer) -> bytes:
-    b64 = signer.public_key_b64
-    return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
 
 
 def demo_config(opts: DemoOptions, data_dir: str, url: str, key_file: str, tag: str) -> Config:
@@ -122,7 +116,7 @@ async def run_demo(opts: DemoOptions) -> int:
     key_file = os.path.join(data_dir, "signing.key")
     signer = _load_or_make_key(key_file)
     trust_path = os.path.join(data_dir, "trust.json")
-    merge_trust(trust_path, signer.kid, _raw_public(signer))
+    merge_trust(trust_path, signer.kid, signer.public_raw)
     tag = secrets.token_hex(3)
 
     embedded: EmbeddedNats | None = None
@@ -163,7 +157,7 @@ async def run_demo(opts: DemoOptions) -> int:
     print("chains sealed; all events acknowledged" if drained else "WARNING: not all acked")
     reports = await collect_reports(
         url,
-        trust={signer.kid: _raw_public(signer)},
+        trust={signer.kid: signer.public_raw},
         stream=config.nats.stream,
         subject_prefix=config.nats.subject_prefix,
         cells=[c.cell_id for c in config.cells],

@@ -140,10 +140,6 @@ def chain_event(ctx: ChainContext, kind: str, at: str, fields: dict[str, Any]) -
     )
 
 
-def sequence_str(seq: int) -> str:
-    return f"{seq:020d}"
-
-
 def nats_headers(event: dict[str, Any], *, binary: bool) -> dict[str, str]:
     """Headers of the CloudEvents NATS binding (SPEC 6) for a sealed event.
 

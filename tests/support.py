@@ -19,7 +19,7 @@ import nats
 from producer.config import CellSpec, Config
 from producer.daemon import Producer
 from producer.replay import fetch_history
-from producer.signing import Signer, b64url_decode, generate_key_file
+from producer.signing import Signer, generate_key_file
 from producer.verify import ChainReport, verify_chain
 
 VECTORS_PATH = Path(__file__).parents[2] / "shared" / "vectors" / "guest-frames" / "vectors.json"
@@ -56,9 +56,7 @@ def make_config(
 
 
 def trust_of(signer: Signer) -> dict[str, bytes]:
-    raw = b64url_decode(signer.public_key_b64, 32)
-    assert raw is not None
-    return {signer.kid: raw}
+    return {signer.kid: signer.public_raw}
 
 
 @contextlib.asynccontextmanager
