@@ -30,6 +30,7 @@ from producer.events import (
     nats_headers,
     silenced_event,
 )
+from producer.heads import ChainHead
 from producer.listener import CellListener
 from producer.publisher import OutMsg, Publisher
 from producer.signing import Signer
@@ -163,10 +164,20 @@ class CellRuntime:
         self._policy.record(self._unsigned, signed=sign, now_s=now_s)
         binary = self._settings.binary_mode
         payload = binary_payload(event) if binary else sealed.payload
-        self._publisher.offer(
-            OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary)),
-            force=True,
-        )
+        msg = OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary))
+        if pending.control:
+            ctx = self.ctx
+            msg.head = ChainHead(
+                cell_id=ctx.cell_id,
+                run_id=ctx.run_id,
+                chain_id=ctx.chain_id,
+                sequence=sealed.sequence,
+                digest=sealed.digest,
+                event_id=event["id"],
+                type=event["type"],
+                sealed=event["type"].endswith(".sealed"),
+            )
+        self._publisher.offer(msg, force=True)
         self.counters.events += 1
         if sign:
             self.counters.signed += 1

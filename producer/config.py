@@ -105,6 +105,13 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     create_stream: Annotated[
         bool, _doc("Create the stream if it is missing (otherwise a missing stream is fatal).")
     ] = True
+    heads_bucket: Annotated[
+        str,
+        _doc(
+            "JetStream key-value bucket holding each chain's latest signed head (SPEC 5.3), "
+            "so a verifier can tell a truncated tail from a quiet cell. Created if missing."
+        ),
+    ] = "CELLOS_CHAIN_HEADS"
     mode: Annotated[
         Literal["structured", "binary"],
         _doc("CloudEvents NATS binding: JSON event in the payload, or `ce-*` headers + data."),
@@ -572,6 +579,10 @@ def _check_nats(nats: NatsConfig) -> None:
                 raise ConfigError("nats.url", problem)
     if not _STREAM_RE.fullmatch(nats.stream):
         raise ConfigError("nats.stream", f"{nats.stream!r} must be 1-255 of A-Z a-z 0-9 _ -")
+    if not _STREAM_RE.fullmatch(nats.heads_bucket):
+        raise ConfigError(
+            "nats.heads_bucket", f"{nats.heads_bucket!r} must be 1-255 of A-Z a-z 0-9 _ -"
+        )
     tokens = nats.subject_prefix.split(".")
     if not all(_SUBJECT_TOKEN_RE.fullmatch(token) for token in tokens):
         raise ConfigError(

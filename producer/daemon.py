@@ -19,9 +19,10 @@ import time
 from producer.config import Config
 from producer.embedded import EmbeddedNats
 from producer.errors import BrokerError
+from producer.heads import HeadRecorder, open_bucket
 from producer.listener import VsockRouter
 from producer.logs import event
-from producer.publisher import Publisher, PublisherOptions
+from producer.publisher import OutMsg, PubAck, Publisher, PublisherOptions
 from producer.registry import Registry
 from producer.signing import Signer
 from producer.signpolicy import SignBudget, SigningPolicy
@@ -65,6 +66,7 @@ class Producer:
         self.publisher: Publisher | None = None
         self.registry: Registry | None = None
         self.vsock: VsockRouter | None = None
+        self.heads: HeadRecorder | None = None
         self.nats_url = config.nats.url or ""
         self._stop = asyncio.Event()
         self._shutdown_done = False
@@ -90,7 +92,8 @@ class Producer:
                 connect_timeout_s=cfg.nats.connect_timeout_s,
                 credentials=cfg.nats.credentials,
                 name=f"cellos-producer@{cfg.host_id}",
-            )
+            ),
+            on_acked=self._on_acked,
         )
         await self.publisher.start()
         check = await ensure_stream(
@@ -102,6 +105,10 @@ class Producer:
         )
         for warning in check.warnings:
             event(log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning)
+        self.heads = HeadRecorder(
+            await open_bucket(self.publisher.nc.jetstream(), cfg.nats.heads_bucket)
+        )
+        self.heads.start()
         if cfg.listener.vsock:
             self.vsock = VsockRouter(cfg.listener.vsock_port)
             await self.vsock.start()
@@ -128,6 +135,10 @@ class Producer:
                 }
             },
         )
+
+    def _on_acked(self, msg: OutMsg, _ack: PubAck) -> None:
+        if msg.head is not None and self.heads is not None:
+            self.heads.note(msg.head)
 
     def request_shutdown(self) -> None:
         self._stop.set()
@@ -179,6 +190,9 @@ class Producer:
                     "shutdown_unacked_events",
                     extra={"fields": {"backlog": self.publisher.backlog}},
                 )
+            if self.heads is not None:
+                drained = await self.heads.flush(grace_s) and drained
+                await self.heads.close()
             await self.publisher.close()
         if self.embedded is not None:
             with contextlib.suppress(BrokerError):

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from producer.errors import BrokerError
+from producer.heads import ChainHead
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class OutMsg:
     attempts: int = 0
     sent_at: float = 0.0
     not_before: float = 0.0
+    head: ChainHead | None = None
+    """Set on chain events: once acked, the chain's recorded head (SPEC 5.3)."""
 
 
 @dataclass(slots=True)
@@ -142,7 +145,7 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
                 # are allowed; so the first attempt fails fast and tenacity paces and logs
                 # the retries. Once connected, reconnecting forever is what we want.
                 nc = await nats.connect(
-                    opts.url,
+                    [server.strip() for server in opts.url.split(",")],
                     name=opts.name,
                     connect_timeout=max(1, int(opts.connect_timeout_s)),
                     allow_reconnect=False,

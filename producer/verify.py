@@ -103,9 +103,19 @@ def group_chains(payloads: Iterable[bytes]) -> dict[tuple[str, str], list[bytes]
     return chains
 
 
-def verify_chain(payloads: Iterable[bytes], trust: Mapping[str, bytes]) -> ChainReport:
+def verify_chain(
+    payloads: Iterable[bytes],
+    trust: Mapping[str, bytes],
+    *,
+    head: tuple[int, str] | None = None,
+) -> ChainReport:
     """Check the messages of one chain, in stream order (any order is fine: ``sequence``
-    restores it), against SPEC 5 and the keys in ``trust`` (kid -> raw public key)."""
+    restores it), against SPEC 5 and the keys in ``trust`` (kid -> raw public key).
+
+    ``head`` is the chain's recorded latest signed head (sequence, digest) from the
+    producer's key-value bucket (SPEC 5.3): the stream must contain exactly that event, or
+    its tail was cut.
+    """
     problems: list[str] = []
     duplicates: list[int] = []
     noncanonical: list[int] = []
@@ -126,6 +136,16 @@ def verify_chain(payloads: Iterable[bytes], trust: Mapping[str, bytes]) -> Chain
 
     order = sorted(by_sequence)
     problems.extend(_holes(order))
+    if head is not None:
+        recorded = by_sequence.get(head[0])
+        if recorded is None:
+            last = order[-1] if order else 0
+            problems.append(
+                f"recorded head is seq {head[0]} but the stream ends at seq {last}: "
+                "the tail was cut"
+            )
+        elif recorded.digest != head[1]:
+            problems.append(f"seq {head[0]}: digest differs from the recorded chain head")
     walk = _Walk(trust, problems)
     walk.opened(by_sequence.get(1), by_sequence[order[0]] if order else None)
     previous: _Event | None = None

@@ -10,6 +10,7 @@ import nats
 import nats.errors
 
 from producer.errors import BrokerError
+from producer.heads import read_heads
 from producer.replay import fetch_history
 from producer.signing import load_trust
 from producer.verify import ChainReport, group_chains, verify_chain
@@ -22,6 +23,7 @@ async def collect_reports(
     stream: str,
     subject_prefix: str,
     cells: list[str] | None = None,
+    heads_bucket: str = "CELLOS_CHAIN_HEADS",
 ) -> list[ChainReport]:
     """Verify every chain found under the prefix (or only those of ``cells``)."""
     errors: list[BaseException] = []
@@ -46,10 +48,16 @@ async def collect_reports(
         payloads: list[bytes] = []
         for subject in subjects:
             payloads.extend(await fetch_history(nc, stream=stream, subject=subject))
+        heads = await read_heads(nc.jetstream(), heads_bucket)
     finally:
         await nc.close()
     chains = group_chains(payloads)
-    return [verify_chain(chain, trust) for _, chain in sorted(chains.items())]
+    reports = []
+    for (cell_id, run_id), chain in sorted(chains.items()):
+        recorded = heads.get(f"{cell_id}.{run_id}")
+        head = (recorded.sequence, recorded.digest) if recorded is not None else None
+        reports.append(verify_chain(chain, trust, head=head))
+    return reports
 
 
 def print_reports(reports: list[ChainReport], out: TextIO, *, as_json: bool = False) -> None:

@@ -352,3 +352,40 @@ async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
         assert await p.publisher.drain(10)  # type: ignore[union-attr]
         report, _ = await verified(nats_server_29.url, "cell-1", signer)
     assert report.ok and report.sealed and report.events == 52
+
+
+async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> None:
+    import nats
+
+    from producer.canonical import canonical
+    from producer.chain import digest_of
+    from producer.heads import read_heads
+    from producer.verifycli import collect_reports
+    from tests.support import trust_of
+
+    async with running_producer(nats_server.url) as (p, signer, _):
+        assert p.registry is not None and p.heads is not None
+        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=20, seed=8)
+        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 20)
+        await p.registry.deregister("cell-1")
+        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.heads.flush(10)
+        _, events = await verified(nats_server.url, "cell-1", signer)
+        nc = await nats.connect(nats_server.url)
+        try:
+            heads = await read_heads(nc.jetstream(), "CELLOS_CHAIN_HEADS")
+        finally:
+            await nc.close()
+        head = heads["cell-1.run-1"]
+        last = events[-1]
+        assert last["type"].endswith(".sealed")
+        assert head.sealed and head.sequence == int(last["sequence"])
+        assert head.digest == digest_of(canonical(last))
+        reports = await collect_reports(
+            nats_server.url,
+            trust=trust_of(signer),
+            stream="CELLOS_TELEMETRY",
+            subject_prefix="cellos.telemetry",
+            cells=["cell-1"],
+        )
+        assert len(reports) == 1 and reports[0].ok, reports[0].problems

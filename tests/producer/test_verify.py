@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from producer.canonical import canonical
+from producer.chain import digest_of
 from producer.signing import Signer
 from producer.verify import UNATTRIBUTED, ChainReport, group_chains, verify_chain
 from tests.producer.chains import ChainBuilder, full_chain, new_signer
@@ -333,3 +334,25 @@ def test_signer_fixture_is_real() -> None:
     opened = msgspec.json.decode(full_chain(SIGNER).payloads[0])
     assert opened["signkid"] == SIGNER.kid and isinstance(SIGNER, Signer)
     assert opened["data"]["publicKey"] == SIGNER.public_key_b64
+
+
+# ---- the recorded head (SPEC 5.3): a cut tail versus a quiet cell
+
+
+def test_recorded_head_tells_a_cut_tail_from_a_quiet_cell() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    checkpoint = b.checkpoint()
+    head = (3, digest_of(checkpoint))
+    b.guest(2)
+    quiet = verify_chain(b.payloads, {SIGNER.kid: SIGNER.public_raw}, head=head)
+    assert quiet.ok, quiet.problems
+    cut = verify_chain(b.payloads[:2], {SIGNER.kid: SIGNER.public_raw}, head=head)
+    assert not cut.ok
+    assert any("tail was cut" in p for p in cut.problems)
+    forged = verify_chain(
+        b.payloads, {SIGNER.kid: SIGNER.public_raw}, head=(3, "sha256:" + "0" * 64)
+    )
+    assert not forged.ok
+    assert any("recorded chain head" in p for p in forged.problems)
