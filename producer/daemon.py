@@ -16,6 +16,7 @@ import os
 import signal
 import time
 
+from producer.aio import cancel_and_wait
 from producer.config import Config
 from producer.embedded import EmbeddedNats
 from producer.errors import BrokerError
@@ -159,9 +160,7 @@ class Producer:
                 starting.result()
                 await stopping
             else:
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await cancel_and_wait(starting)
                 log.info("startup_interrupted")
         finally:
             if install_signals:

@@ -13,7 +13,6 @@ of chains), and only a newer sequence replaces it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import msgspec
@@ -23,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from producer.aio import cancel_and_wait, wait_set
 from producer.errors import BrokerError
 from producer.logs import event
 
@@ -131,15 +131,8 @@ class HeadRecorder:
 
     async def flush(self, grace_s: float) -> bool:
         """Wait (up to ``grace_s``) until every noted head is written."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, grace_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -33,6 +33,7 @@ import tenacity
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from producer.aio import cancel_and_wait, wait_set
 from producer.errors import BrokerError
 from producer.heads import ChainHead
 
@@ -228,11 +229,7 @@ class Publisher:
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Wait until every submitted message is acked; False if ``grace_s`` ran out first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, grace_s)
 
     async def close(self) -> None:
         """Stop sending and disconnect. Idempotent. Unsettled messages stay the caller's."""
@@ -241,11 +238,7 @@ class Publisher:
         self._closed = True
         self._wake.set()
         self._space.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.close()

@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import Callable
 
+from producer.aio import cancel_and_wait
 from producer.cell import CellRuntime, CellSettings
 from producer.config import CellSpec, Config, socket_path, validate_cell
 from producer.errors import RegistrationError
@@ -144,11 +145,8 @@ class Registry:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def stop_ticker(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        await cancel_and_wait(self._ticker)
+        self._ticker = None
 
     async def _tick_loop(self) -> None:
         # A tenth of the silence window keeps agent_silenced within 10% of its deadline.

@@ -20,6 +20,7 @@ from producer.config import CellSpec, Config
 from producer.daemon import Producer
 from producer.replay import fetch_history
 from producer.signing import Signer, generate_key_file
+from producer.simulator import run_guest
 from producer.verify import ChainReport, verify_chain
 
 VECTORS_PATH = Path(__file__).parents[2] / "shared" / "vectors" / "guest-frames" / "vectors.json"
@@ -116,3 +117,24 @@ async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def seal_and_verify(
+    producer: Producer, url: str, signer: Signer, cell_id: str = "cell-1"
+) -> tuple[ChainReport, list[dict[str, Any]]]:
+    """Deregister (seal) the cell, wait for every PubAck, read its chain back and verify."""
+    assert producer.registry is not None and producer.publisher is not None
+    await producer.registry.deregister(cell_id)
+    assert await producer.publisher.drain(10)
+    return await verified(url, cell_id, signer)
+
+
+async def feed_seal_verify(
+    producer: Producer, url: str, signer: Signer, *, count: int, seed: int, rate: float = 0
+) -> tuple[ChainReport, list[dict[str, Any]]]:
+    """Run a simulated guest on cell-1 for ``count`` frames, then :func:`seal_and_verify`."""
+    assert producer.registry is not None
+    cell = producer.registry.cells["cell-1"]
+    await run_guest(cell.socket_path, rate=rate, count=count, seed=seed)
+    await eventually(lambda: cell.counters.accepted == count)
+    return await seal_and_verify(producer, url, signer)

@@ -26,6 +26,7 @@ from tests.support import (
     VECTORS,
     cell_spec,
     eventually,
+    feed_seal_verify,
     running_producer,
     send_stream,
     verified,
@@ -143,12 +144,9 @@ async def test_published_events_match_schemas_and_cloudevents_sdk(
 
 async def test_strict_mode_signs_every_event(nats_server: EmbeddedNats) -> None:
     async with running_producer(nats_server.url, signing={"mode": "strict"}) as (p, signer, _):
-        assert p.registry is not None
-        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=300, seed=1)
-        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 300)
-        await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
-        report, events = await verified(nats_server.url, "cell-1", signer)
+        report, events = await feed_seal_verify(
+            p, nats_server.url, signer, count=300, seed=1, rate=0
+        )
     assert report.ok, report.problems
     assert all("signature" in e and "signkid" in e for e in events)
     assert report.signed == report.events
@@ -183,12 +181,9 @@ async def test_adaptive_mode_thins_signatures_under_burst_within_bounds(
 
 async def test_adaptive_mode_signs_every_event_at_ordinary_rates(nats_server: EmbeddedNats) -> None:
     async with running_producer(nats_server.url) as (p, signer, _):
-        assert p.registry is not None
-        await run_guest(p.registry.cells["cell-1"].socket_path, rate=200, count=40, seed=2)
-        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 40)
-        await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
-        report, _events = await verified(nats_server.url, "cell-1", signer)
+        report, _events = await feed_seal_verify(
+            p, nats_server.url, signer, count=40, seed=2, rate=200
+        )
     assert report.ok and report.signed == report.events
 
 
@@ -345,12 +340,7 @@ async def test_unreachable_broker_at_start_is_retried(tmp_path: Path) -> None:
 
 async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
     async with running_producer(nats_server_29.url) as (p, signer, _):
-        assert p.registry is not None
-        await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=50, seed=6)
-        await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 50)
-        await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
-        report, _ = await verified(nats_server_29.url, "cell-1", signer)
+        report, _ = await feed_seal_verify(p, nats_server_29.url, signer, count=50, seed=6, rate=0)
     assert report.ok and report.sealed and report.events == 52
 
 
