@@ -277,7 +277,10 @@ class Publisher:
             await self.wait_for_space()
 
     async def wait_for_space(self) -> None:
-        await self._space.wait()
+        """Return once the queue has room (the send loop signals when it drains below half)."""
+        while len(self._pending) >= self.opts.max_pending and not self._closed:
+            self._space.clear()
+            await self._space.wait()
 
     # -- send side -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from tests.support import (
     eventually,
     feed_seal_verify,
     running_producer,
+    seal_and_verify,
     send_stream,
     verified,
 )
@@ -379,3 +380,45 @@ async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> No
             cells=["cell-1"],
         )
         assert len(reports) == 1 and reports[0].ok, reports[0].problems
+
+
+async def test_full_queue_blocks_readers_then_delivers_everything(
+    nats_server: EmbeddedNats,
+) -> None:
+    # A queue far smaller than the burst: readers must pause and resume, losing nothing.
+    async with running_producer(nats_server.url, cells=2, queue={"max_events": 32}) as (
+        p,
+        signer,
+        _,
+    ):
+        assert p.registry is not None
+        await asyncio.gather(
+            *(
+                run_guest(p.registry.cells[c].socket_path, rate=0, count=2000, seed=i)
+                for i, c in enumerate(("cell-1", "cell-2"))
+            )
+        )
+        for c in ("cell-1", "cell-2"):
+            cell = p.registry.cells[c]
+            await eventually(lambda cell=cell: cell.counters.accepted == 2000, timeout=30)
+        for c in ("cell-1", "cell-2"):
+            report, _ = await seal_and_verify(p, nats_server.url, signer, c)
+            assert report.ok and report.sealed and report.events >= 2002, report.problems
+
+
+async def test_drop_newest_policy_declares_the_loss_with_a_gap(nats_server: EmbeddedNats) -> None:
+    async with running_producer(
+        nats_server.url, queue={"max_events": 16, "spool_full_policy": "drop_newest"}
+    ) as (p, signer, _):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        burst = b"".join(encode_frame(d) for d, _ in zip(frames(3), range(5000), strict=False))
+        await asyncio.to_thread(send_stream, cell.socket_path, burst, half_close=True)
+        await eventually(lambda: cell.counters.accepted == 5000, timeout=30)
+        report, events = await seal_and_verify(p, nats_server.url, signer)
+    assert report.ok, report.problems
+    gaps = [e for e in events if e["type"] == CHAIN_TYPE + "gap"]
+    guest = [e for e in events if e["type"].startswith(GUEST_TYPE)]
+    assert gaps, "a full queue under drop_newest must be declared"
+    assert len(guest) + sum(g["data"]["lostCount"] for g in gaps) == 5000
+    assert cell.counters.dropped_full == sum(g["data"]["lostCount"] for g in gaps)
