@@ -21,7 +21,9 @@ from producer import __version__
 from producer.chain import ChainSealer, format_sequence
 from producer.config import CellSpec
 from producer.events import (
+    STRUCTURED_CONTENT_TYPE,
     ChainContext,
+    GuestEncoder,
     Pending,
     Rfc3339Clock,
     binary_payload,
@@ -70,6 +72,14 @@ class _Lost:
     last_at: str | None = None
 
 
+GuestFrame = tuple[Declaration, str]
+"""A decoded guest declaration and the host time it was received, awaiting its seal."""
+
+
+def _time_of(item: Pending | GuestFrame) -> str:
+    return item[1] if isinstance(item, tuple) else str(item.event["time"])
+
+
 class CellRuntime:
     """Turns one cell's frames and readings into sealed events on the publisher's queue."""
 
@@ -100,7 +110,8 @@ class CellRuntime:
         self._mono = mono
         self._sealer = ChainSealer(signer)
         self._unsigned = UnsignedRun()
-        self._batch: list[Pending] = []
+        self._batch: list[Pending | GuestFrame] = []
+        self._guest = GuestEncoder(ctx)
         self._since_checkpoint = 0
         self._last_checkpoint_s = mono()
         self._last_frame_s = mono()  # registration counts as "just heard" (SPEC 8)
@@ -117,12 +128,11 @@ class CellRuntime:
         if self.sealed:
             return True
         at = self._wall.now()
-        ctx = self.ctx
         batch = self._batch
         accepted = 0
         for outcome in outcomes:
             if isinstance(outcome, Declaration):
-                batch.append(guest_event(ctx, outcome, at))
+                batch.append((outcome, at))
                 accepted += 1
             else:
                 self.counters.rejected[outcome.reason] += 1
@@ -183,6 +193,36 @@ class CellRuntime:
             self.counters.signed += 1
         self._since_checkpoint += 1
 
+    def _seal_guest(self, frame: GuestFrame, *, last_in_batch: bool, now_s: float) -> None:
+        """The hot path: a guest event sealed from the chain's template, no dict built."""
+        if self._settings.binary_mode:  # binary mode needs every attribute as a header
+            pending = guest_event(self.ctx, frame[0], frame[1])
+            self._seal_and_offer(pending, last_in_batch=last_in_batch, now_s=now_s)
+            return
+        sign = self._policy.decide(
+            self._unsigned, control=False, last_in_batch=last_in_batch, now_s=now_s
+        )
+        decl, at = frame
+        guest = self._guest
+        sealed = self._sealer.seal_encoded(
+            lambda seq, prev, kid: guest.encode(decl, at, seq, prev, kid), sign=sign
+        )
+        self._policy.record(self._unsigned, signed=sign, now_s=now_s)
+        event_id = guest.event_id(sealed.sequence)
+        self._publisher.offer(
+            OutMsg(
+                guest.subject(decl),
+                sealed.payload,
+                event_id,
+                {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE},
+            ),
+            force=True,
+        )
+        self.counters.events += 1
+        if sign:
+            self.counters.signed += 1
+        self._since_checkpoint += 1
+
     def _flush(self) -> bool:
         """Seal and queue the batch; False when the queue filled and readers must pause."""
         batch = self._batch
@@ -193,10 +233,13 @@ class CellRuntime:
         last = len(batch) - 1
         done = 0
         every = self._settings.checkpoint_every
-        for i, pending in enumerate(batch):
+        for i, item in enumerate(batch):
             if not publisher.has_space():
                 break
-            self._seal_and_offer(pending, last_in_batch=i == last, now_s=now_s)
+            if isinstance(item, tuple):
+                self._seal_guest(item, last_in_batch=i == last, now_s=now_s)
+            else:
+                self._seal_and_offer(item, last_in_batch=i == last, now_s=now_s)
             done = i + 1
             if self._since_checkpoint >= every:
                 self._checkpoint(now_s)
@@ -211,12 +254,12 @@ class CellRuntime:
         self._wait_for_space()
         return False
 
-    def _drop(self, batch: list[Pending]) -> None:
+    def _drop(self, batch: list[Pending | GuestFrame]) -> None:
         """Spool-full policy ``drop_newest``: count what is lost; a gap event declares it."""
         lost = self._lost
         lost.count += len(batch)
-        lost.first_at = lost.first_at or batch[0].event["time"]
-        lost.last_at = batch[-1].event["time"]
+        lost.first_at = lost.first_at or _time_of(batch[0])
+        lost.last_at = _time_of(batch[-1])
         self.counters.dropped_full += len(batch)
         batch.clear()
         self._wait_for_space()
