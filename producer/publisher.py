@@ -154,6 +154,8 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
                     reconnect_time_wait=1,
                     # Outbound bytes buffered while reconnecting; beyond it publishes wait.
                     pending_size=8 * 1024 * 1024,
+                    # Subjects are built from ids validated at config load and registration.
+                    skip_subject_validation=True,
                     **callbacks,
                     **kwargs,
                 )
