@@ -566,9 +566,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--queue",
         type=int,
-        default=0,
-        help="producer queue.max_events (default 0: room for every event of the run, because "
-        "a full queue live-locks the producer at the time of writing; see docs/benchmarks.md)",
+        default=QueueConfig().max_events,
+        help="producer queue.max_events (default: the producer's default; a smaller queue "
+        "exercises backpressure)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="give up on a run after this")
     p.add_argument(
@@ -587,8 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.cells < 1 or args.events < args.cells:
         p.error("need at least one cell and one event per cell")
     if args.queue <= 0:
-        # Every guest event plus a generous allowance for chain events (opened, checkpoints).
-        args.queue = max(65536, args.events + 64 * args.cells + 1024)
+        p.error("--queue must be positive")
     return args
 
 
