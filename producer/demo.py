@@ -31,6 +31,8 @@ from producer.logs import setup_logging
 from producer.signing import Signer, generate_key_file, merge_trust
 from producer.simulator import run_guest
 from producer.verifycli import collect_reports, print_reports
+from producer.wire import encode_frame
+from schemas.wire import Declaration
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,25 @@ def demo_config(opts: DemoOptions, data_dir: str, url: str, key_file: str, tag: 
     )
 
 
+BAD_FRAMES: tuple[bytes, ...] = (
+    encode_frame(Declaration(2, "process.spawned", 1, "sh", 1)),  # UnsupportedContentVersion
+    encode_frame(Declaration(1, "process.teleported", 1, "sh", 1)),  # UnknownProbeSource
+    (9000).to_bytes(4, "little"),  # FrameTooLarge: the producer closes this connection
+)
+
+
+async def _misbehave(path: str) -> None:
+    """A second, broken client on the first cell every two seconds: its frames are counted
+    as rejected by reason and never reach the chain, and the good guest is unaffected."""
+    while True:
+        await asyncio.sleep(2.0)
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"".join(BAD_FRAMES))
+            await writer.drain()
+            writer.close()
+
+
 class LiveView:
     """Per-cell counters once a second: redrawn in place on a terminal, one line otherwise."""
 
@@ -89,9 +110,10 @@ class LiveView:
         st = publisher.stats
         if not self._tty:
             total = sum(s["events"] for s in snaps)
+            rejected = sum(sum(s["rejected"].values()) for s in snaps)
             print(
                 f"[{elapsed:5.1f}s] cells={len(snaps)} events={total} acked={st.acked} "
-                f"backlog={publisher.backlog}",
+                f"rejected_frames={rejected} backlog={publisher.backlog}",
                 flush=True,
             )
             return
@@ -128,15 +150,17 @@ async def run_demo(opts: DemoOptions) -> int:
     print(f"NATS: {url}{' (embedded)' if embedded else ''}   data dir: {data_dir}")
     config = demo_config(opts, data_dir, url, key_file, tag)
     producer = Producer(config, signer=signer)
-    guests: list[asyncio.Task[int]] = []
+    guests: list[asyncio.Task[object]] = []
     try:
         await producer.startup()
         assert producer.registry is not None
         print(f"signing key {signer.kid}, mode {opts.mode}; {opts.cells} cells registered")
-        for i, cell in enumerate(producer.registry.cells.values()):
+        cells = list(producer.registry.cells.values())
+        for i, cell in enumerate(cells):
             guests.append(
                 asyncio.create_task(run_guest(cell.socket_path, rate=opts.rate, count=None, seed=i))
             )
+        guests.append(asyncio.create_task(_misbehave(cells[0].socket_path)))
         view = LiveView(producer)
         start = time.monotonic()
         with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
@@ -148,6 +172,11 @@ async def run_demo(opts: DemoOptions) -> int:
                 )
                 view.draw(time.monotonic() - start)
     finally:
+        rejected = (
+            {c.cell_id: dict(c.counters.rejected) for c in producer.registry.cells.values()}
+            if producer.registry is not None
+            else {}
+        )
         for task in guests:
             task.cancel()
         for task in guests:
@@ -155,6 +184,10 @@ async def run_demo(opts: DemoOptions) -> int:
                 await task
         drained = await producer.shutdown()
     print("chains sealed; all events acknowledged" if drained else "WARNING: not all acked")
+    for cell_id, reasons in rejected.items():
+        if reasons:
+            listed = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
+            print(f"rejected frames on {cell_id} (counted, never published): {listed}")
     reports = await collect_reports(
         url,
         trust={signer.kid: signer.public_raw},
