@@ -9,7 +9,6 @@ them that could interleave another event of the same chain.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer import __version__
-from producer.chain import ChainSealer, format_sequence
+from producer.aio import cancel_and_wait
+from producer.chain import ChainSealer, Sealed, format_sequence
 from producer.config import CellSpec
 from producer.events import (
     STRUCTURED_CONTENT_TYPE,
@@ -72,6 +72,10 @@ class _Lost:
     last_at: str | None = None
 
 
+HEAD_INTERVAL_S = 1.0
+"""Besides every chain event, a signed guest event updates the recorded head at most this
+often per chain: a verifier can then date a cut tail to within about a second."""
+
 GuestFrame = tuple[Declaration, str]
 """A decoded guest declaration and the host time it was received, awaiting its seal."""
 
@@ -121,11 +125,14 @@ class CellRuntime:
         self._waiter: asyncio.Task[None] | None = None
         self._cover: asyncio.TimerHandle | None = None
         self.sealed = False
+        self._head_noted_s = -HEAD_INTERVAL_S
+        self.closing = False
+        """Set when sealing starts: from then on only seal() may add events."""
 
     # -- FrameHandler ----------------------------------------------------------------------
 
     def on_outcomes(self, outcomes: list[Declaration | BodyError]) -> bool:
-        if self.sealed:
+        if self.closing:
             return True
         at = self._wall.now()
         batch = self._batch
@@ -175,18 +182,8 @@ class CellRuntime:
         binary = self._settings.binary_mode
         payload = binary_payload(event) if binary else sealed.payload
         msg = OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary))
-        if pending.control:
-            ctx = self.ctx
-            msg.head = ChainHead(
-                cell_id=ctx.cell_id,
-                run_id=ctx.run_id,
-                chain_id=ctx.chain_id,
-                sequence=sealed.sequence,
-                digest=sealed.digest,
-                event_id=event["id"],
-                type=event["type"],
-                sealed=event["type"].endswith(".sealed"),
-            )
+        if sign and (pending.control or now_s - self._head_noted_s >= HEAD_INTERVAL_S):
+            msg.head = self._head(sealed, event["id"], event["type"], now_s)
         self._publisher.offer(msg, force=True)
         self.counters.events += 1
         if sign:
@@ -209,27 +206,42 @@ class CellRuntime:
         )
         self._policy.record(self._unsigned, signed=sign, now_s=now_s)
         event_id = guest.event_id(sealed.sequence)
-        self._publisher.offer(
-            OutMsg(
-                guest.subject(decl),
-                sealed.payload,
-                event_id,
-                {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE},
-            ),
-            force=True,
+        msg = OutMsg(
+            guest.subject(decl),
+            sealed.payload,
+            event_id,
+            {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE},
         )
+        if sign and now_s - self._head_noted_s >= HEAD_INTERVAL_S:
+            msg.head = self._head(sealed, event_id, guest.type_(decl), now_s)
+        self._publisher.offer(msg, force=True)
         self.counters.events += 1
         if sign:
             self.counters.signed += 1
         self._since_checkpoint += 1
 
+    def _head(self, sealed: Sealed, event_id: str, type_: str, now_s: float) -> ChainHead:
+        """The chain head to record once this signed event is acknowledged (SPEC 5.3)."""
+        self._head_noted_s = now_s
+        ctx = self.ctx
+        return ChainHead(
+            cell_id=ctx.cell_id,
+            run_id=ctx.run_id,
+            chain_id=ctx.chain_id,
+            sequence=sealed.sequence,
+            digest=sealed.digest,
+            event_id=event_id,
+            type=type_,
+            sealed=type_.endswith(".sealed"),
+        )
+
     def _flush(self) -> bool:
         """Seal and queue the batch; False when the queue filled and readers must pause."""
         batch = self._batch
+        now_s = self._mono()
         if not batch:
             return True
         publisher = self._publisher
-        now_s = self._mono()
         last = len(batch) - 1
         done = 0
         every = self._settings.checkpoint_every
@@ -243,9 +255,9 @@ class CellRuntime:
             done = i + 1
             if self._since_checkpoint >= every:
                 self._checkpoint(now_s)
+        self._arm_cover(now_s)
         if done == len(batch):
             batch.clear()
-            self._after_batch(now_s)
             return True
         del batch[:done]
         if self._settings.drop_newest:
@@ -264,6 +276,24 @@ class CellRuntime:
         batch.clear()
         self._wait_for_space()
 
+    def _declare_lost(self, reason: str) -> None:
+        """Seal the ``gap`` event for what :meth:`_drop` counted (forced: a chain event)."""
+        if not self._lost.count:
+            return
+        lost, self._lost = self._lost, _Lost()
+        gap = chain_event(
+            self.ctx,
+            "gap",
+            self._wall.now(),
+            {
+                "reason": reason,
+                "lostCount": lost.count,
+                "firstLostAt": lost.first_at,
+                "lastLostAt": lost.last_at,
+            },
+        )
+        self._seal_and_offer(gap, last_in_batch=True, now_s=self._mono())
+
     def _wait_for_space(self) -> None:
         if self._waiter is None or self._waiter.done():
             self._waiter = asyncio.get_running_loop().create_task(self._resume_when_space())
@@ -271,24 +301,13 @@ class CellRuntime:
     async def _resume_when_space(self) -> None:
         await self._room()
         self._waiter = None
-        if self._lost.count:
-            lost, self._lost = self._lost, _Lost()
-            gap = chain_event(
-                self.ctx,
-                "gap",
-                self._wall.now(),
-                {
-                    "reason": "queue_full",
-                    "lostCount": lost.count,
-                    "firstLostAt": lost.first_at,
-                    "lastLostAt": lost.last_at,
-                },
-            )
-            self._seal_and_offer(gap, last_in_batch=True, now_s=self._mono())
+        if self.closing:
+            return  # seal() takes over what is left
+        self._declare_lost("queue_full")
         if self._flush():
             self.listener.resume()
 
-    def _after_batch(self, now_s: float) -> None:
+    def _arm_cover(self, now_s: float) -> None:
         due = self._policy.cover_due(self._unsigned, now_s)
         if due is not None and self._cover is None:
             self._cover = asyncio.get_running_loop().call_later(due, self._cover_tail)
@@ -306,14 +325,10 @@ class CellRuntime:
         self._last_checkpoint_s = now_s
 
     def _cover_tail(self) -> None:
-        """An unsigned tail is about to outlive ``max_unsigned_ms``: sign a checkpoint over it.
-
-        If the queue is full the next event will be forced to sign by the policy anyway.
-        """
+        """An unsigned tail is about to outlive ``max_unsigned_ms``: sign a checkpoint over
+        it, even into a full queue (a chain event may overshoot the bound by one)."""
         self._cover = None
-        if self.sealed or not self._unsigned.count:
-            return
-        if self._publisher.has_space():
+        if not self.sealed and self._unsigned.count:
             self._checkpoint(self._mono())
 
     # -- control events --------------------------------------------------------------------
@@ -323,9 +338,13 @@ class CellRuntime:
             await self._publisher.wait_for_space()
 
     async def emit(self, pending: Pending) -> None:
-        """Seal and queue an event from outside the frame path, waiting for queue room."""
+        """Seal and queue an event from outside the frame path, waiting for queue room.
+
+        Nothing is sealed once the chain is closing: ``sealed`` must stay the last event.
+        """
         await self._room()
-        self._seal_and_offer(pending, last_in_batch=True, now_s=self._mono())
+        if not self.closing:
+            self._seal_and_offer(pending, last_in_batch=True, now_s=self._mono())
 
     async def open(self, *, host_id: str, socket_path: str, signing_mode: str) -> None:
         self.socket_path = socket_path
@@ -363,9 +382,12 @@ class CellRuntime:
 
     async def run_tick(self) -> None:
         """Periodic duties: the silence watchdog (SPEC 8) and the time-based checkpoint."""
-        if self.sealed:
+        if self.closing:
             return
         now_s = self._mono()
+        if self.listener.paused or self._batch:
+            # Our own backpressure holds the guest's frames unread: it is not silent.
+            self._last_frame_s = now_s
         window_ms = self._settings.silence_window_ms
         silent_ms = int((now_s - self._last_frame_s) * 1000)
         if not self._silenced and silent_ms > window_ms:
@@ -384,28 +406,40 @@ class CellRuntime:
             and now_s - self._last_checkpoint_s >= self._settings.checkpoint_interval_s
         ):
             await self._room()
-            self._checkpoint(self._mono())
+            if not self.closing:
+                self._checkpoint(self._mono())
 
-    async def seal(self, reason: str) -> None:
-        """Stop the listener, queue what was read, then the ``sealed`` event (always last)."""
+    async def seal(self, reason: str, *, grace_s: float = 5.0) -> None:
+        """Stop the listener, queue what was read, then the ``sealed`` event (always last).
+
+        Frames already read wait up to ``grace_s`` for queue room (a broker outage can keep
+        the queue full); past that they are dropped and declared by a ``gap`` event, so
+        deregistration and shutdown always finish. Chain events are queued even into a
+        full queue: a few over the bound, never lost.
+        """
+        self.closing = True
         await self.listener.close()
-        while self._batch:
-            if self._flush():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while not self._flush():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._drop(self._batch)
                 break
-            if self._waiter is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._waiter
-        if self._waiter is not None and not self._waiter.done():
-            await self._waiter
+            room = loop.create_task(self._room())
+            await asyncio.wait({room}, timeout=remaining)
+            await cancel_and_wait(room)
+        await cancel_and_wait(self._waiter)
+        self._waiter = None
         if self._cover is not None:
             self._cover.cancel()
             self._cover = None
+        self._declare_lost("queue_full")
         final = format_sequence(self._sealer.sequence + 1)
-        await self.emit(
-            chain_event(
-                self.ctx, "sealed", self._wall.now(), {"reason": reason, "finalSequence": final}
-            )
+        sealed = chain_event(
+            self.ctx, "sealed", self._wall.now(), {"reason": reason, "finalSequence": final}
         )
+        self._seal_and_offer(sealed, last_in_batch=True, now_s=self._mono())
         self.sealed = True
 
     def snapshot(self) -> dict[str, Any]:

@@ -148,8 +148,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     setup_logging(config.log.level, config.log.format)
     producer = Producer(config)
-    asyncio.run(producer.serve())
-    return EXIT_OK
+    drained = asyncio.run(producer.serve())
+    # Events not acknowledged within the grace period are lost with this process: say so.
+    return EXIT_OK if drained else EXIT_FAILED
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

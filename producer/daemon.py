@@ -144,8 +144,11 @@ class Producer:
     def request_shutdown(self) -> None:
         self._stop.set()
 
-    async def serve(self, *, install_signals: bool = True) -> None:
-        """Run until SIGTERM/SIGINT (or ``request_shutdown``), then shut down gracefully."""
+    async def serve(self, *, install_signals: bool = True) -> bool:
+        """Run until SIGTERM/SIGINT (or ``request_shutdown``), then shut down gracefully.
+
+        Returns whether every event was acknowledged before the grace period ran out.
+        """
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,7 +169,8 @@ class Producer:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            await self.shutdown()
+            drained = await self.shutdown()
+        return drained
 
     async def shutdown(self, grace_s: float = 10.0) -> bool:
         """Seal every chain and wait up to ``grace_s`` for their PubAcks. Idempotent.
@@ -177,20 +181,22 @@ class Producer:
             return True
         self._shutdown_done = True
         drained = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         if self.registry is not None:
             await self.registry.stop_ticker()
-            await self.registry.deregister_all("producer_shutdown")
+            await self.registry.deregister_all("producer_shutdown", grace_s=grace_s / 2)
         if self.vsock is not None:
             await self.vsock.close()
         if self.publisher is not None:
-            drained = await self.publisher.drain(grace_s)
+            drained = await self.publisher.drain(max(0.0, deadline - loop.time()))
             if not drained:
                 log.error(
                     "shutdown_unacked_events",
                     extra={"fields": {"backlog": self.publisher.backlog}},
                 )
             if self.heads is not None:
-                drained = await self.heads.flush(grace_s) and drained
+                drained = await self.heads.flush(max(0.1, deadline - loop.time())) and drained
                 await self.heads.close()
             await self.publisher.close()
         if self.embedded is not None:

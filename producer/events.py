@@ -158,6 +158,9 @@ class GuestEncoder:
     def subject(self, decl: Declaration) -> str:
         return self._kinds[decl.probe_source][0]
 
+    def type_(self, decl: Declaration) -> str:
+        return GUEST_TYPE + guest_kind(decl.probe_source)
+
     def event_id(self, sequence: int) -> str:
         return f"{self._id_prefix}{sequence}"
 

@@ -126,7 +126,10 @@ class HeadRecorder:
                     continue
                 if self._pending.get(key) is head:
                     del self._pending[key]
-                self._written[key] = max(self._written.get(key, 0), head.sequence)
+                if head.sealed:
+                    self._written.pop(key, None)  # nothing follows a seal: keep memory bounded
+                else:
+                    self._written[key] = max(self._written.get(key, 0), head.sequence)
             self._idle.set()
 
     async def flush(self, grace_s: float) -> bool:

@@ -113,9 +113,12 @@ class CellListener:
         self.connections: set[GuestConnection] = set()
         self.refused = 0
         self.paused = False
+        self.closed = False
         self._server: asyncio.AbstractServer | None = None
 
     def admit(self, conn: GuestConnection) -> bool:
+        if self.closed:
+            return False  # accepted in the instant before close(): the cell is sealing
         if len(self.connections) >= self.max_connections:
             self.refused += 1
             log.warning(
@@ -154,6 +157,7 @@ class CellListener:
 
     async def close(self) -> None:
         """Stop accepting, close open connections (their frames already delivered)."""
+        self.closed = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -182,6 +186,8 @@ def bind_unix_socket(path: str, *, mode: int, cell_id: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise RegistrationError(cell_id, f"{path} exists and is not a socket; not replacing")
+        if _someone_listens(path):
+            raise RegistrationError(cell_id, f"{path} is in use by a live listener")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -196,6 +202,19 @@ def bind_unix_socket(path: str, *, mode: int, cell_id: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     return sock
+
+
+def _someone_listens(path: str) -> bool:
+    """A socket file is stale only if nobody accepts on it (its owner died)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 async def serve_unix(listener: CellListener, sock: socket.socket) -> None:

@@ -197,6 +197,7 @@ class Publisher:
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._last_reject_log = -1e9
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -253,7 +254,9 @@ class Publisher:
         return len(self._pending) + len(self._retry) + len(self._inflight)
 
     def has_space(self) -> bool:
-        return len(self._pending) < self.opts.max_pending
+        """Room for one more message: everything not yet acked counts against the bound, so
+        a broker that rejects or never acks cannot make memory grow."""
+        return self.backlog < self.opts.max_pending
 
     def offer(self, msg: OutMsg, *, force: bool = False) -> bool:
         """Queue ``msg`` without waiting; False (and nothing queued) when the queue is full.
@@ -262,7 +265,7 @@ class Publisher:
         must not be lost. Callers check :meth:`has_space` before sealing, so forcing only
         ever overshoots the bound by the few chain events sealed in the same step.
         """
-        if len(self._pending) >= self.opts.max_pending and not force:
+        if not force and not self.has_space():
             self._space.clear()
             return False
         self._pending.append(msg)
@@ -279,8 +282,9 @@ class Publisher:
             await self.wait_for_space()
 
     async def wait_for_space(self) -> None:
-        """Return once the queue has room (the send loop signals when it drains below half)."""
-        while len(self._pending) >= self.opts.max_pending and not self._closed:
+        """Return once there is room; settling acks signal it when the backlog is below half,
+        so waiting readers resume in one step instead of one event at a time."""
+        while not self.has_space() and not self._closed:
             self._space.clear()
             await self._space.wait()
 
@@ -290,10 +294,7 @@ class Publisher:
         if self._retry and self._retry[0].not_before <= now:
             return self._retry.popleft()
         if self._pending:
-            msg = self._pending.popleft()
-            if not self._space.is_set() and len(self._pending) < self.opts.max_pending // 2 + 1:
-                self._space.set()
-            return msg
+            return self._pending.popleft()
         return None
 
     async def _send_loop(self) -> None:
@@ -322,9 +323,10 @@ class Publisher:
                     msg.subject, msg.payload, reply=f"{self._inbox}.{token}", headers=msg.headers
                 )
             except (nats.errors.Error, OSError) as exc:
-                # Not on the wire: back into line first, then wait for the connection.
-                inflight.pop(token, None)
-                self._retry.appendleft(msg)
+                # Not on the wire: back into line first, then wait for the connection. (A
+                # reconnect in the meantime may already have moved it back.)
+                if inflight.pop(token, None) is not None:
+                    self._retry.appendleft(msg)
                 self.stats.last_error = repr(exc)
                 self._connected.clear()
                 if nc.is_connected:
@@ -347,10 +349,20 @@ class Publisher:
             self.stats.error_replies += 1
             reason = status or (body.error if body is not None else reply.data[:200])
             self.stats.last_error = str(reason)
-            log.warning(
-                "publish_rejected_will_retry",
-                extra={"fields": {"subject": msg.subject, "id": msg.msg_id, "reply": str(reason)}},
-            )
+            now = self._clock()
+            if now - self._last_reject_log >= 1.0:  # one line a second, not one per event
+                self._last_reject_log = now
+                log.warning(
+                    "publish_rejected_will_retry",
+                    extra={
+                        "fields": {
+                            "subject": msg.subject,
+                            "id": msg.msg_id,
+                            "reply": str(reason),
+                            "rejected_total": self.stats.error_replies,
+                        }
+                    },
+                )
             self._schedule_retry(msg)
             return
         ack = PubAck(body.stream, body.seq, body.duplicate)
@@ -362,8 +374,11 @@ class Publisher:
         self._after_settle()
 
     def _after_settle(self) -> None:
-        if not self._pending and not self._retry and not self._inflight:
+        backlog = self.backlog
+        if not backlog:
             self._idle.set()
+        if not self._space.is_set() and backlog <= self.opts.max_pending // 2:
+            self._space.set()
         self._wake.set()
 
     def _schedule_retry(self, msg: OutMsg) -> None:

@@ -23,6 +23,9 @@ from producer.signpolicy import SigningPolicy
 
 log = logging.getLogger(__name__)
 
+SEALED_RUNS_KEPT = 100_000
+"""How many sealed (cell, run) pairs this process remembers to refuse re-registration."""
+
 
 class Registry:
     """The cells this host is serving, keyed by cell id.
@@ -51,7 +54,7 @@ class Registry:
         self._vsock = vsock
         self._wall = wall or Rfc3339Clock()
         self._mono = mono
-        self._sealed_runs: set[tuple[str, str]] = set()
+        self._sealed_runs: dict[tuple[str, str], None] = {}  # insertion-ordered, bounded
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._settings = CellSettings(
@@ -75,6 +78,15 @@ class Registry:
                 )
             listen = self.config.listener
             path = socket_path(spec, listen.port)
+            for other in self.cells.values():
+                if other.socket_path == path:
+                    raise RegistrationError(
+                        spec.cell_id, f"socket {path} already belongs to cell {other.cell_id!r}"
+                    )
+                if spec.vsock_cid is not None and other.spec.vsock_cid == spec.vsock_cid:
+                    raise RegistrationError(
+                        spec.cell_id, f"vsock CID {spec.vsock_cid} belongs to {other.cell_id!r}"
+                    )
             sock = bind_unix_socket(path, mode=listen.socket_mode, cell_id=spec.cell_id)
             ctx = ChainContext(
                 host_id=self.config.host_id,
@@ -122,23 +134,33 @@ class Registry:
         )
         return cell
 
-    async def deregister(self, cell_id: str, reason: str = "deregistered") -> None:
-        """Stop the listener, queue what was read, seal the chain, remove the socket file."""
+    async def deregister(
+        self, cell_id: str, reason: str = "deregistered", *, grace_s: float = 5.0
+    ) -> None:
+        """Stop the listener, queue what was read, seal the chain, remove the socket file.
+
+        ``grace_s`` bounds the wait for queue room (see :meth:`CellRuntime.seal`)."""
         async with self._lock:
             cell = self.cells.pop(cell_id, None)
             if cell is None:
                 raise RegistrationError(cell_id, "not registered")
             if self._vsock is not None and cell.spec.vsock_cid is not None:
                 self._vsock.by_cid.pop(cell.spec.vsock_cid, None)
-            await cell.seal(reason)
-            self._sealed_runs.add((cell_id, cell.ctx.run_id))
+            await cell.seal(reason, grace_s=grace_s)
+            self._sealed_runs[(cell_id, cell.ctx.run_id)] = None
+            if len(self._sealed_runs) > SEALED_RUNS_KEPT:
+                del self._sealed_runs[next(iter(self._sealed_runs))]
             _remove_socket(cell.socket_path)
         log.info("cell_sealed", extra={"fields": {"reason": reason, **cell.snapshot()}})
 
-    async def deregister_all(self, reason: str) -> None:
+    async def deregister_all(self, reason: str, *, grace_s: float = 5.0) -> None:
+        """Seal every cell, all within one ``grace_s`` however many cells there are."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         for cell_id in list(self.cells):
             with contextlib.suppress(RegistrationError):
-                await self.deregister(cell_id, reason)
+                remaining = max(0.0, deadline - loop.time())
+                await self.deregister(cell_id, reason, grace_s=remaining)
 
     def start_ticker(self) -> None:
         if self._ticker is None:

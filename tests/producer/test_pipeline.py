@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -422,3 +423,66 @@ async def test_drop_newest_policy_declares_the_loss_with_a_gap(nats_server: Embe
     assert gaps, "a full queue under drop_newest must be declared"
     assert len(guest) + sum(g["data"]["lostCount"] for g in gaps) == 5000
     assert cell.counters.dropped_full == sum(g["data"]["lostCount"] for g in gaps)
+
+
+async def test_runtime_registration_cannot_take_another_cells_socket(
+    nats_server: EmbeddedNats,
+) -> None:
+    async with running_producer(nats_server.url) as (p, _, base):
+        assert p.registry is not None
+        one = p.registry.cells["cell-1"]
+        clash = msgspec.structs.replace(cell_spec(base, 2), vsock_uds_base=one.spec.vsock_uds_base)
+        with pytest.raises(RegistrationError, match="already belongs"):
+            await p.registry.register(clash)
+        # A live socket of some other process is not "stale" either.
+        other_path = f"{base}/foreign_9001"
+        foreign = socket.socket(socket.AF_UNIX)
+        foreign.bind(other_path)
+        foreign.listen(1)
+        try:
+            spec = msgspec.structs.replace(cell_spec(base, 3), vsock_uds_base=f"{base}/foreign")
+            with pytest.raises(RegistrationError, match="live listener"):
+                await p.registry.register(spec)
+        finally:
+            foreign.close()
+        await run_guest(one.socket_path, rate=0, count=5, seed=1)
+        await eventually(lambda: one.counters.accepted == 5)
+
+
+async def test_shutdown_is_bounded_when_the_broker_is_gone_and_the_queue_full(
+    nats_server: EmbeddedNats,
+) -> None:
+    async with running_producer(nats_server.url, queue={"max_events": 32}) as (p, _, _base):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        nats_server.kill()
+        guest = asyncio.create_task(run_guest(cell.socket_path, rate=0, count=2000, seed=1))
+        await eventually(lambda: p.registry.cells["cell-1"].listener.paused)  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        drained = await p.shutdown(grace_s=2.0)
+        assert loop.time() - started < 6.0
+        assert not drained  # the events it could not deliver are reported, not hidden
+        guest.cancel()
+        with contextlib.suppress(BaseException):
+            await guest
+
+
+async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats) -> None:
+    # No stream captures the subject: every publish is answered "no responders" (503).
+    from producer.publisher import OutMsg, Publisher, PublisherOptions
+
+    pub = Publisher(PublisherOptions(url=nats_server.url, stream="NONE", max_pending=50))
+    await pub.start()
+    try:
+        offered = 0
+        for i in range(500):
+            if pub.offer(OutMsg("nowhere.x", b"{}", f"id-{i}", {"Nats-Msg-Id": f"id-{i}"})):
+                offered += 1
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        assert offered == 50
+        assert pub.backlog == 50 and not pub.has_space()
+        assert pub.stats.error_replies > 0 and pub.stats.acked == 0
+    finally:
+        await pub.close()
