@@ -126,12 +126,7 @@ class ChainSealer:
                 raise ChainError(f"attribute {name!r} must be a string")
         if type(event["data"]) is not dict:
             raise ChainError("attribute 'data' must be an object")
-        sequence = self._sequence + 1
-        if sequence > MAX_SEQUENCE:
-            raise ChainError("sequence space exhausted")
-        signer = self._signer
-        if sign and signer is None:
-            raise ChainError("a signed event was requested but this chain has no signer")
+        sequence, signer = self._next(sign)
         event["sequence"] = format_sequence(sequence)
         event["prevhash"] = self._head_hash
         try:
@@ -154,17 +149,21 @@ class ChainSealer:
         ``signature``; the tests hold every encoder to byte equality with
         :func:`~producer.canonical.canonical` of the same event as a dict.
         """
-        sequence = self._sequence + 1
-        if sequence > MAX_SEQUENCE:
-            raise ChainError("sequence space exhausted")
-        signer = self._signer
-        if sign and signer is None:
-            raise ChainError("a signed event was requested but this chain has no signer")
+        sequence, signer = self._next(sign)
         if signer is not None and sign:
             payload, _ = _signed(signer, encode(sequence, self._head_hash, signer.kid))
         else:
             payload = encode(sequence, self._head_hash, None)
         return self._advance(sequence, payload, sign)
+
+    def _next(self, sign: bool) -> tuple[int, Signer | None]:
+        """The next sequence and the signer, refusing what cannot be sealed."""
+        sequence = self._sequence + 1
+        if sequence > MAX_SEQUENCE:
+            raise ChainError("sequence space exhausted")
+        if sign and self._signer is None:
+            raise ChainError("a signed event was requested but this chain has no signer")
+        return sequence, self._signer
 
     def _advance(self, sequence: int, payload: bytes, signed: bool) -> Sealed:
         digest = digest_of(payload)
