@@ -23,6 +23,9 @@ from producer.signpolicy import SigningPolicy
 
 log = logging.getLogger(__name__)
 
+STATS_INTERVAL_S = 60.0
+"""How often the counters of every cell and of the publisher are logged."""
+
 SEALED_RUNS_KEPT = 100_000
 """How many sealed (cell, run) pairs this process remembers to refuse re-registration."""
 
@@ -173,6 +176,8 @@ class Registry:
     async def _tick_loop(self) -> None:
         # A tenth of the silence window keeps agent_silenced within 10% of its deadline.
         period = min(1.0, self.config.silence.window_ms / 10_000)
+        loop = asyncio.get_running_loop()
+        next_stats = loop.time() + STATS_INTERVAL_S
         while True:
             await asyncio.sleep(period)
             for cell in list(self.cells.values()):
@@ -180,6 +185,30 @@ class Registry:
                     await cell.run_tick()
                 except Exception:  # one cell's trouble must not stop the others' duties
                     log.exception("cell_tick_failed", extra={"fields": {"cell_id": cell.cell_id}})
+            if loop.time() >= next_stats:
+                next_stats = loop.time() + STATS_INTERVAL_S
+                self._log_stats()
+
+    def _log_stats(self) -> None:
+        """One line per cell with its counters, and one for the publisher: what an operator
+        greps for when a guest's telemetry looks thin (rejects by reason, drops, backlog)."""
+        for cell in self.cells.values():
+            log.info("cell_stats", extra={"fields": cell.snapshot()})
+        st = self._publisher.stats
+        log.info(
+            "publisher_stats",
+            extra={
+                "fields": {
+                    "acked": st.acked,
+                    "duplicates": st.duplicates,
+                    "retries": st.retries,
+                    "timeouts": st.timeouts,
+                    "error_replies": st.error_replies,
+                    "reconnects": st.reconnects,
+                    "backlog": self._publisher.backlog,
+                }
+            },
+        )
 
 
 def _remove_socket(path: str) -> None:

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 
 import msgspec
+import pytest
 
+from producer import registry
 from producer.config import Config
 from producer.daemon import Producer
 from producer.embedded import EmbeddedNats
 from producer.signing import generate_key_file
-from tests.support import cell_spec, running_producer, short_dir, verified
+from tests.support import (
+    cell_spec,
+    eventually,
+    running_producer,
+    send_stream,
+    short_dir,
+    verified,
+)
 
 
 async def test_no_nats_url_runs_the_embedded_server_under_data_dir() -> None:
@@ -54,3 +65,23 @@ async def test_shutdown_seals_open_cells_and_drains(nats_server: EmbeddedNats) -
             report, events = await verified(nats_server.url, cell, signer)
             assert report.ok and report.sealed
             assert events[-1]["data"]["reason"] == "producer_shutdown"
+
+
+async def test_counters_are_logged_periodically(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(registry, "STATS_INTERVAL_S", 0.2)
+    caplog.set_level(logging.INFO, logger="producer.registry")
+    async with running_producer(nats_server.url, silence={"window_ms": 1000}) as (p, _, _base):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        oversize = (5000).to_bytes(4, "little")
+        await asyncio.to_thread(send_stream, cell.socket_path, oversize, half_close=False)
+        await eventually(
+            lambda: any(
+                r.msg == "cell_stats" and r.fields.get("rejected") == {"FrameTooLarge": 1}  # type: ignore[attr-defined]
+                for r in caplog.records
+            ),
+            timeout=5,
+        )
+        assert any(r.msg == "publisher_stats" for r in caplog.records)
