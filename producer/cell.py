@@ -165,10 +165,6 @@ class CellRuntime:
 
     # -- sealing ---------------------------------------------------------------------------
 
-    @property
-    def head(self) -> tuple[int, str]:
-        return self._sealer.sequence, self._sealer.head_hash
-
     def _seal_and_offer(self, pending: Pending, *, last_in_batch: bool, now_s: float) -> None:
         """Seal one event and queue it; the caller has checked the queue has room."""
         sign = self._policy.decide(

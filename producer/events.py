@@ -15,16 +15,10 @@ from typing import Any, Final
 import msgspec
 
 from producer.canonical import canonical
-from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
+from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from schemas.wire import PROBE_SOURCES, Declaration
 
 STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json"
-
-
-def rfc3339_us(epoch_ns: int) -> str:
-    """RFC 3339 UTC with microseconds and ``Z`` (SPEC 3), from nanoseconds since the epoch."""
-    secs, ns = divmod(epoch_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1000:06d}Z"
 
 
 class Rfc3339Clock:
@@ -207,16 +201,6 @@ def silenced_event(
     data["lastFrameAt"] = last_frame_at
     kind = "agent_silenced"
     return Pending(f"{ctx.subject_base}.guest.{kind}", ctx.envelope(GUEST_TYPE + kind, at, data))
-
-
-def host_event(
-    ctx: ChainContext, probe: str, at: str, inputs: dict[str, Any], output: dict[str, Any]
-) -> Pending:
-    data = ctx.stamped(at)
-    data["probeSource"] = f"host.{probe}"
-    data["inputs"] = inputs
-    data["output"] = output
-    return Pending(f"{ctx.subject_base}.host.{probe}", ctx.envelope(HOST_TYPE + probe, at, data))
 
 
 def chain_event(ctx: ChainContext, kind: str, at: str, fields: dict[str, Any]) -> Pending:

@@ -274,13 +274,6 @@ class Publisher:
         self._wake.set()
         return True
 
-    async def put(self, msg: OutMsg) -> None:
-        """Queue ``msg``, waiting for room: this is where backpressure reaches the readers."""
-        while not self.offer(msg):
-            if self._closed:
-                raise BrokerError("publisher closed")
-            await self.wait_for_space()
-
     async def wait_for_space(self) -> None:
         """Return once there is room; settling acks signal it when the backlog is below half,
         so waiting readers resume in one step instead of one event at a time."""
