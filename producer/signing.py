@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -164,26 +165,13 @@ def generate_key_file(path: str | os.PathLike[str], kid: str | None = None) -> S
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    directory = os.path.dirname(os.path.abspath(where))
     try:
-        # mkstemp: O_CREAT | O_EXCL, mode 0600 (before umask, which can only remove bits)
-        fd, tmp = tempfile.mkstemp(prefix=".key-", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise KeyFileError(where, f"cannot be created: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, where)
+        # link, not replace: it fails if ``where`` appeared meanwhile
+        _put_file(where, pem, mode=0o600, place=os.link)
     except FileExistsError:
         raise KeyFileError(where, "already exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise KeyFileError(where, f"cannot be written: {exc.strerror}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(directory)
     return Signer(key, kid)
 
 
@@ -281,22 +269,31 @@ def _read_trust(where: str, *, missing_ok: bool) -> dict[str, bytes]:
 
 
 def _write_atomically(where: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(where))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".trust-", suffix=".tmp", dir=directory)
+        _put_file(where, data, mode=_TRUST_FILE_MODE, place=os.replace)
     except OSError as exc:
         raise TrustFileError(where, f"cannot be written: {exc.strerror}") from exc
+
+
+def _put_file(where: str, data: bytes, *, mode: int, place: Callable[[str, str], None]) -> None:
+    """Write ``data`` to a synced temporary file of ``mode`` beside ``where``, then ``place``
+    it there (``os.link`` or ``os.replace``): ``where`` only ever names a complete file.
+
+    mkstemp opens with O_CREAT | O_EXCL at 0600, so the content is never more readable
+    than that before ``fchmod``.
+    """
+    directory = os.path.dirname(os.path.abspath(where))
+    fd, tmp = tempfile.mkstemp(prefix=".cellos-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _TRUST_FILE_MODE)
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, where)
-    except OSError as exc:
+        place(tmp, where)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise TrustFileError(where, f"cannot be written: {exc.strerror}") from exc
     _fsync_dir(directory)
 
 
