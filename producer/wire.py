@@ -301,6 +301,18 @@ def decode_body(body: bytes) -> Declaration:
     return _decode_strict(body)
 
 
+def _fast_uint(body: bytes, pos: int, widest: int) -> tuple[int, int]:
+    """An unsigned int whose initial byte is below ``widest``, and the position after it;
+    ``(-1, pos)`` for anything else (left to the strict path)."""
+    ib = body[pos]
+    if ib < 24:
+        return ib, pos + 1
+    if ib < widest:
+        width, unpack = _ARGUMENTS[ib - 24]
+        return unpack(body, pos + 1)[0], pos + 1 + width
+    return -1, pos
+
+
 def _decode_canonical(body: bytes) -> Declaration | None:
     """Accept the agent's own layout quickly, or return None to let the strict path judge.
 
@@ -320,16 +332,8 @@ def _decode_canonical(body: bytes) -> Declaration | None:
         source = _SOURCES.get(body[start:pos])
         if source is None or not body.startswith(_FAST_KEY_PID, pos):
             return None
-        pos += len(_FAST_KEY_PID)
-        ib = body[pos]
-        if ib < 24:
-            pid = ib
-            pos += 1
-        elif ib < 27:
-            width, unpack = _ARGUMENTS[ib - 24]
-            pid = unpack(body, pos + 1)[0]
-            pos += 1 + width
-        else:
+        pid, pos = _fast_uint(body, pos + len(_FAST_KEY_PID), 27)  # up to 4-byte argument
+        if pid < 0:
             return None
         if not body.startswith(_FAST_KEY_COMM, pos):
             return None
@@ -347,16 +351,8 @@ def _decode_canonical(body: bytes) -> Declaration | None:
         comm = body[start:pos].decode()
         if not body.startswith(_FAST_KEY_NS, pos):
             return None
-        pos += len(_FAST_KEY_NS)
-        ib = body[pos]
-        if ib < 24:
-            ns = ib
-            pos += 1
-        elif ib < 28:
-            width, unpack = _ARGUMENTS[ib - 24]
-            ns = unpack(body, pos + 1)[0]
-            pos += 1 + width
-        else:
+        ns, pos = _fast_uint(body, pos + len(_FAST_KEY_NS), 28)  # up to 8-byte argument
+        if ns < 0:
             return None
     except (IndexError, struct.error, UnicodeDecodeError):
         return None

