@@ -44,8 +44,13 @@ from typing import Any
 
 import nats
 
-from producer.chain import ChainSealer
-from producer.config import (
+from producer.chain.events import STRUCTURED_CONTENT_TYPE, ChainContext, Rfc3339Clock, guest_event
+from producer.chain.sealer import ChainSealer
+from producer.chain.signing import Signer, generate_key_file
+from producer.delivery.stream import ensure_stream
+from producer.guest.simulator import frames
+from producer.guest.wire import encode_frame
+from producer.ops.config import (
     CellSpec,
     Config,
     LogConfig,
@@ -53,14 +58,9 @@ from producer.config import (
     QueueConfig,
     SigningConfig,
 )
-from producer.daemon import Producer
-from producer.embedded import EmbeddedNats
-from producer.events import STRUCTURED_CONTENT_TYPE, ChainContext, Rfc3339Clock, guest_event
-from producer.logs import setup_logging
-from producer.signing import Signer, generate_key_file
-from producer.simulator import frames
-from producer.stream import ensure_stream
-from producer.wire import encode_frame
+from producer.ops.daemon import Producer
+from producer.ops.embedded import EmbeddedNats
+from producer.ops.logs import setup_logging
 
 MODES = ("adaptive", "strict")
 HOST_ID = "bench-host"

@@ -2,6 +2,6 @@
 
 import sys
 
-from producer.cli import main
+from producer.ops.cli import main
 
 sys.exit(main())

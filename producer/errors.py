@@ -31,15 +31,6 @@ class KeyFileError(ProducerError):
         super().__init__(f"signing key {path}: {reason}")
 
 
-class TrustFileError(ProducerError):
-    """A trust file (SPEC 5.4) cannot be read or does not have the expected shape."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"trust file {path}: {reason}")
-
-
 class RegistrationError(ProducerError):
     """A cell registration was refused (bad id, duplicate, socket cannot be bound)."""
 
@@ -47,14 +38,6 @@ class RegistrationError(ProducerError):
         self.cell_id = cell_id
         self.reason = reason
         super().__init__(f"cell {cell_id!r}: {reason}")
-
-
-class CanonicalizationError(ProducerError):
-    """A value cannot be put into RFC 8785 canonical form (e.g. NaN, a non-string key)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 class ChainError(ProducerError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.embedded import EmbeddedNats
+from producer.ops.embedded import EmbeddedNats
 
 SYSTEM_NATS_URL = "nats://127.0.0.1:4222"
 NATS_SERVER_29 = "/usr/sbin/nats-server"

@@ -16,14 +16,16 @@ from typing import Any
 import msgspec
 import nats
 
-from producer.config import CellSpec, Config
-from producer.daemon import Producer
-from producer.replay import fetch_history
-from producer.signing import Signer, generate_key_file
-from producer.simulator import run_guest
-from producer.verify import ChainReport, verify_chain
+from audit.replay import fetch_history
+from audit.verify import ChainReport, verify_chain
+from producer.chain.signing import Signer, generate_key_file
+from producer.guest.simulator import run_guest
+from producer.ops.config import CellSpec, Config
+from producer.ops.daemon import Producer
 
-VECTORS_PATH = Path(__file__).parents[2] / "shared" / "vectors" / "guest-frames" / "vectors.json"
+REPO = Path(__file__).resolve().parents[1]
+VECTORS_DIR = REPO / "tests" / "vectors"
+VECTORS_PATH = VECTORS_DIR / "guest-frames" / "vectors.json"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())["vectors"]
 
 

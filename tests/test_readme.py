@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer.config import config_reference
+from producer.ops.config import config_reference
 
 README = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 

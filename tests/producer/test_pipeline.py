@@ -17,10 +17,10 @@ import msgspec
 import pytest
 from cloudevents.core.formats.json import JSONFormat
 
-from producer.embedded import EmbeddedNats
 from producer.errors import RegistrationError
-from producer.simulator import frames, run_guest
-from producer.wire import encode_frame
+from producer.guest.simulator import frames, run_guest
+from producer.guest.wire import encode_frame
+from producer.ops.embedded import EmbeddedNats
 from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from schemas.generate import HERE as SCHEMA_DIR
 from tests.support import (
@@ -349,10 +349,10 @@ async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
 async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> None:
     import nats
 
-    from producer.canonical import canonical
-    from producer.chain import digest_of
-    from producer.heads import read_heads
-    from producer.verifycli import collect_reports
+    from audit.canonical import canonical
+    from audit.cli import collect_reports
+    from audit.digest import digest_of
+    from audit.heads import read_heads
     from tests.support import trust_of
 
     async with running_producer(nats_server.url) as (p, signer, _):
@@ -470,7 +470,7 @@ async def test_shutdown_is_bounded_when_the_broker_is_gone_and_the_queue_full(
 
 async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats) -> None:
     # No stream captures the subject: every publish is answered "no responders" (503).
-    from producer.publisher import OutMsg, Publisher, PublisherOptions
+    from producer.delivery.publisher import OutMsg, Publisher, PublisherOptions
 
     pub = Publisher(PublisherOptions(url=nats_server.url, stream="NONE", max_pending=50))
     await pub.start()

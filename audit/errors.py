@@ -1,0 +1,37 @@
+"""The audit library's one exception tree.
+
+Consumers catch :class:`AuditError`; each error carries the facts needed to act on it as
+attributes. Errors from nats-py, msgspec and cryptography are translated at the boundary
+with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class AuditError(Exception):
+    """Root of every error raised by the audit package."""
+
+
+class CanonicalizationError(AuditError):
+    """A value cannot be put into RFC 8785 canonical form (e.g. NaN, a non-string key)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class TrustFileError(AuditError):
+    """A trust file (SPEC 5.4) cannot be read or does not have the expected shape."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"trust file {path}: {reason}")
+
+
+class SourceError(AuditError):
+    """The event source (NATS, JetStream, an export file) cannot be read."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -1,0 +1,104 @@
+"""Each chain's latest signed head, kept outside the stream (SPEC 5.3).
+
+Chain events (opened, checkpoint, gap, sealed) are always signed; when JetStream has
+acknowledged one, its sequence and digest become the chain's recorded head in a key-value
+bucket. A verifier that finds a chain in the stream ending *before* the recorded head knows
+the tail was cut, where a quiet cell would simply end at its head.
+
+Writes are coalesced per chain and done by one background task, so a slow bucket never
+holds up the publisher: at most one pending head per chain is kept (bounded by the number
+of chains), and only a newer sequence replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from producer.aio import cancel_and_wait, wait_set
+from producer.errors import BrokerError
+from producer.ops.logs import event
+from schemas.heads import ChainHead
+
+log = logging.getLogger(__name__)
+
+
+async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+    """Bind the bucket, creating it (file storage, one revision per key) when missing."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot open key-value bucket {bucket}: {exc!r}") from exc
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+        )
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot create key-value bucket {bucket}: {exc!r}") from exc
+
+
+class HeadRecorder:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._pending: dict[str, ChainHead] = {}
+        self._written: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def note(self, head: ChainHead) -> None:
+        """Record ``head`` soon, unless a newer head of the same chain is already known."""
+        key = head.key
+        newest = self._pending.get(key)
+        if (newest is not None and newest.sequence >= head.sequence) or self._written.get(
+            key, 0
+        ) >= head.sequence:
+            return
+        self._pending[key] = head
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                key, head = next(iter(self._pending.items()))
+                try:
+                    await self._kv.put(key, msgspec.json.encode(head))
+                except (nats.errors.Error, TimeoutError) as exc:
+                    # Keep it pending; the next note (or this retry) writes it.
+                    self.failures += 1
+                    event(log, logging.WARNING, "chain_head_write_failed", key=key, error=repr(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                if self._pending.get(key) is head:
+                    del self._pending[key]
+                if head.sealed:
+                    self._written.pop(key, None)  # nothing follows a seal: keep memory bounded
+                else:
+                    self._written[key] = max(self._written.get(key, 0), head.sequence)
+            self._idle.set()
+
+    async def flush(self, grace_s: float) -> bool:
+        """Wait (up to ``grace_s``) until every noted head is written."""
+        return await wait_set(self._idle, grace_s)
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -1,0 +1,422 @@
+"""Pipelined JetStream publisher (SPEC 6, 7).
+
+JetStream acknowledges a publish by replying to the message's reply subject. Awaiting those
+replies one by one caps a producer at a few thousand events per second, so this publisher
+keeps up to ``max_inflight`` messages on the wire at once: every message is a core NATS
+publish whose reply subject is ``<inbox>.<token>`` under one wildcard subscription, and the
+PubAck that comes back on the token settles it. Nothing is ever dropped here: a message
+leaves only on a PubAck (``duplicate: true`` included); an error reply, an ack timeout or a
+lost connection puts it back for another attempt, paced by a tenacity wait strategy, and
+the same ``Nats-Msg-Id`` lets the stream's duplicate window absorb whatever was already
+stored.
+
+The publisher owns no storage. Whoever hands it messages (the in-memory queue today, the
+durable spool next) learns of each settled message through ``on_acked`` and is the one who
+may forget it; that is the seam the write-ahead spool plugs into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import tenacity
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from producer.aio import cancel_and_wait, wait_set
+from producer.errors import BrokerError
+from schemas.heads import ChainHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class OutMsg:
+    """One event on its way to JetStream. ``msg_id`` doubles as the ``Nats-Msg-Id``."""
+
+    subject: str
+    payload: bytes
+    msg_id: str
+    headers: dict[str, str]
+    attempts: int = 0
+    sent_at: float = 0.0
+    not_before: float = 0.0
+    head: ChainHead | None = None
+    """Set on chain events: once acked, the chain's recorded head (SPEC 5.3)."""
+
+
+@dataclass(slots=True)
+class PubAck:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    submitted: int = 0
+    acked: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    error_replies: int = 0
+    timeouts: int = 0
+    reconnects: int = 0
+    disconnects: int = 0
+    last_error: str = ""
+
+
+class _AckBody(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_AckBody)
+
+AckCallback = Callable[[OutMsg, PubAck], None]
+
+
+def default_retry_wait() -> tenacity.wait.wait_base:
+    """Exponential backoff with jitter, capped: a broker outage should not cause a storm."""
+    return tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2)
+
+
+@dataclass
+class PublisherOptions:
+    url: str
+    stream: str
+    max_pending: int = 65536
+    max_inflight: int = 4096
+    ack_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    name: str = "cellos-producer"
+    credentials: str | None = None
+    retry_wait: tenacity.wait.wait_base = field(default_factory=default_retry_wait)
+    connect_wait: tenacity.wait.wait_base = field(default_factory=default_retry_wait)
+    connect_attempts: int | None = None
+    """None: retry the first connection until ``close()``; a number: give up after it."""
+
+
+async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
+    """Connect with backoff: an unreachable broker at start is retried and logged, not fatal."""
+    stop: tenacity.stop.stop_base = (
+        tenacity.stop_never
+        if opts.connect_attempts is None
+        else tenacity.stop_after_attempt(opts.connect_attempts)
+    )
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "nats_connect_retry",
+            extra={
+                "fields": {
+                    "url": opts.url,
+                    "attempt": state.attempt_number,
+                    "error": repr(exc),
+                    "next_in_s": round(state.upcoming_sleep, 2),
+                }
+            },
+        )
+
+    kwargs: dict[str, Any] = {}
+    if opts.credentials:
+        kwargs["user_credentials"] = opts.credentials
+    try:
+        async for attempt in tenacity.AsyncRetrying(
+            wait=opts.connect_wait,
+            stop=stop,
+            retry=tenacity.retry_if_exception_type((OSError, nats.errors.Error, TimeoutError)),
+            before_sleep=before_sleep,
+            reraise=True,
+        ):
+            with attempt:
+                # nats-py would retry a first connection forever, silently, when reconnects
+                # are allowed; so the first attempt fails fast and tenacity paces and logs
+                # the retries. Once connected, reconnecting forever is what we want.
+                nc = await nats.connect(
+                    [server.strip() for server in opts.url.split(",")],
+                    name=opts.name,
+                    connect_timeout=max(1, int(opts.connect_timeout_s)),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=1,
+                    # Outbound bytes buffered while reconnecting; beyond it publishes wait.
+                    pending_size=8 * 1024 * 1024,
+                    # Subjects are built from ids validated at config load and registration.
+                    skip_subject_validation=True,
+                    **callbacks,
+                    **kwargs,
+                )
+                nc.options["allow_reconnect"] = True
+                nc.options["max_reconnect_attempts"] = -1
+                return nc
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot connect to NATS at {opts.url}: {exc!r}") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Publisher:
+    """Keeps many JetStream publishes in flight and settles each one by its PubAck."""
+
+    def __init__(
+        self,
+        opts: PublisherOptions,
+        *,
+        on_acked: AckCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.opts = opts
+        self.stats = PublisherStats()
+        self._on_acked = on_acked
+        self._clock = clock
+        # Only its wait strategy is used: tenacity paces resends, the queue does the rest.
+        self._retrying = tenacity.Retrying(wait=opts.retry_wait)
+        self._nc: NatsClient | None = None
+        self._pending: deque[OutMsg] = deque()
+        self._retry: deque[OutMsg] = deque()
+        self._inflight: dict[str, OutMsg] = {}
+        self._next_token = 0
+        self._inbox = ""
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._last_reject_log = -1e9
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise BrokerError("publisher is not started")
+        return self._nc
+
+    async def start(self, nc: NatsClient | None = None) -> None:
+        """Connect (or adopt ``nc``), subscribe to the ack inbox, start the send loop."""
+        if nc is None:
+            nc = await connect_nats(
+                self.opts,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                error_cb=self._on_error,
+            )
+        self._nc = nc
+        self._inbox = nc.new_inbox()
+        await nc.subscribe(
+            self._inbox + ".*",
+            cb=self._on_ack,
+            pending_msgs_limit=4 * self.opts.max_inflight + 1024,
+            pending_bytes_limit=-1,
+        )
+        self._connected.set()
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name="publisher-send"),
+            asyncio.create_task(self._timeout_loop(), name="publisher-timeouts"),
+        ]
+
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """Wait until every submitted message is acked; False if ``grace_s`` ran out first."""
+        return await wait_set(self._idle, grace_s)
+
+    async def close(self) -> None:
+        """Stop sending and disconnect. Idempotent. Unsettled messages stay the caller's."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._space.set()
+        await cancel_and_wait(*self._tasks)
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    # -- submission ------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Messages accepted but not yet acked (queued, in flight or waiting to retry)."""
+        return len(self._pending) + len(self._retry) + len(self._inflight)
+
+    def has_space(self) -> bool:
+        """Room for one more message: everything not yet acked counts against the bound, so
+        a broker that rejects or never acks cannot make memory grow."""
+        return self.backlog < self.opts.max_pending
+
+    def offer(self, msg: OutMsg, *, force: bool = False) -> bool:
+        """Queue ``msg`` without waiting; False (and nothing queued) when the queue is full.
+
+        ``force`` queues it regardless: for an event already sealed into its chain, which
+        must not be lost. Callers check :meth:`has_space` before sealing, so forcing only
+        ever overshoots the bound by the few chain events sealed in the same step.
+        """
+        if not force and not self.has_space():
+            self._space.clear()
+            return False
+        self._pending.append(msg)
+        self.stats.submitted += 1
+        self._idle.clear()
+        self._wake.set()
+        return True
+
+    async def wait_for_space(self) -> None:
+        """Return once there is room; settling acks signal it when the backlog is below half,
+        so waiting readers resume in one step instead of one event at a time."""
+        while not self.has_space() and not self._closed:
+            self._space.clear()
+            await self._space.wait()
+
+    # -- send side -------------------------------------------------------------------------
+
+    def _take(self, now: float) -> OutMsg | None:
+        if self._retry and self._retry[0].not_before <= now:
+            return self._retry.popleft()
+        if self._pending:
+            return self._pending.popleft()
+        return None
+
+    async def _send_loop(self) -> None:
+        nc = self.nc
+        window = self.opts.max_inflight
+        inflight = self._inflight
+        while not self._closed:
+            await self._connected.wait()
+            now = self._clock()
+            msg = self._take(now) if len(inflight) < window else None
+            if msg is None:
+                self._wake.clear()
+                delay = None
+                if self._retry and len(inflight) < window:
+                    delay = max(0.0, self._retry[0].not_before - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            token = str(self._next_token)
+            self._next_token += 1
+            msg.attempts += 1
+            msg.sent_at = now
+            inflight[token] = msg
+            try:
+                await nc.publish(
+                    msg.subject, msg.payload, reply=f"{self._inbox}.{token}", headers=msg.headers
+                )
+            except (nats.errors.Error, OSError) as exc:
+                # Not on the wire: back into line first, then wait for the connection. (A
+                # reconnect in the meantime may already have moved it back.)
+                if inflight.pop(token, None) is not None:
+                    self._retry.appendleft(msg)
+                self.stats.last_error = repr(exc)
+                self._connected.clear()
+                if nc.is_connected:
+                    self._connected.set()
+                    await asyncio.sleep(0.05)
+
+    # -- settle side -----------------------------------------------------------------------
+
+    async def _on_ack(self, reply: Msg) -> None:
+        token = reply.subject.rpartition(".")[2]
+        msg = self._inflight.pop(token, None)
+        if msg is None:
+            return  # a late reply for a message already re-sent under another token
+        status = reply.headers.get("Status") if reply.headers else None
+        body: _AckBody | None = None
+        if status is None:
+            with contextlib.suppress(msgspec.DecodeError):
+                body = _ack_decoder.decode(reply.data)
+        if body is None or body.error is not None or not body.stream:
+            self.stats.error_replies += 1
+            reason = status or (body.error if body is not None else reply.data[:200])
+            self.stats.last_error = str(reason)
+            now = self._clock()
+            if now - self._last_reject_log >= 1.0:  # one line a second, not one per event
+                self._last_reject_log = now
+                log.warning(
+                    "publish_rejected_will_retry",
+                    extra={
+                        "fields": {
+                            "subject": msg.subject,
+                            "id": msg.msg_id,
+                            "reply": str(reason),
+                            "rejected_total": self.stats.error_replies,
+                        }
+                    },
+                )
+            self._schedule_retry(msg)
+            return
+        ack = PubAck(body.stream, body.seq, body.duplicate)
+        self.stats.acked += 1
+        if ack.duplicate:
+            self.stats.duplicates += 1
+        if self._on_acked is not None:
+            self._on_acked(msg, ack)
+        self._after_settle()
+
+    def _after_settle(self) -> None:
+        backlog = self.backlog
+        if not backlog:
+            self._idle.set()
+        if not self._space.is_set() and backlog <= self.opts.max_pending // 2:
+            self._space.set()
+        self._wake.set()
+
+    def _schedule_retry(self, msg: OutMsg) -> None:
+        state = tenacity.RetryCallState(self._retrying, None, (), {})
+        state.attempt_number = msg.attempts
+        msg.not_before = self._clock() + self.opts.retry_wait(state)
+        self.stats.retries += 1
+        self._retry.append(msg)
+        self._wake.set()
+
+    async def _timeout_loop(self) -> None:
+        period = max(0.05, self.opts.ack_timeout_s / 4)
+        while not self._closed:
+            await asyncio.sleep(period)
+            deadline = self._clock() - self.opts.ack_timeout_s
+            expired = [t for t, m in self._inflight.items() if m.sent_at <= deadline]
+            for token in expired:
+                msg = self._inflight.pop(token)
+                self.stats.timeouts += 1
+                self._schedule_retry(msg)
+            if expired:
+                log.warning("publish_ack_timeout", extra={"fields": {"count": len(expired)}})
+
+    # -- connection events -----------------------------------------------------------------
+
+    async def _on_disconnected(self) -> None:
+        if self._closed:
+            return
+        self.stats.disconnects += 1
+        self._connected.clear()
+        log.warning("nats_disconnected", extra={"fields": {"inflight": len(self._inflight)}})
+
+    async def _on_reconnected(self) -> None:
+        # Replies to what was in flight may be lost with the old connection: send it again
+        # now (same Nats-Msg-Id, so anything the stream already stored comes back duplicate).
+        self.stats.reconnects += 1
+        stranded = sorted(self._inflight.values(), key=lambda m: m.sent_at)
+        self._inflight.clear()
+        for msg in reversed(stranded):
+            self._retry.appendleft(msg)
+            msg.not_before = 0.0
+        self._connected.set()
+        self._wake.set()
+        log.info("nats_reconnected", extra={"fields": {"resent": len(stranded)}})
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.stats.last_error = repr(exc)
+        log.warning("nats_error", extra={"fields": {"error": repr(exc)}})

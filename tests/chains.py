@@ -1,0 +1,130 @@
+"""Real chains for tests: built with the production ChainSealer and Signer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from audit.digest import format_sequence
+from producer.chain.sealer import ChainSealer
+from producer.chain.signing import Signer
+from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
+
+AT = "2024-05-01T12:00:00.123456Z"
+
+
+def new_signer(kid: str | None = None) -> Signer:
+    return Signer(Ed25519PrivateKey.generate(), kid)
+
+
+def envelope(cell: str, run: str, type_: str, fields: dict[str, Any], n: int) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"{cell}-{run}-{n}",
+        "source": "urn:cellos:host:hv-01",
+        "subject": cell,
+        "type": type_,
+        "time": AT,
+        "datacontenttype": "application/json",
+        "data": {
+            "cellId": cell,
+            "runId": run,
+            "specSignatureHash": "sha256:" + "ab" * 32,
+            "hostReceivedAt": AT,
+            **fields,
+        },
+    }
+
+
+class ChainBuilder:
+    """Seals events of one chain, one method per event family."""
+
+    def __init__(self, signer: Signer, cell: str = "cell-7", run: str = "run-1") -> None:
+        self.signer = signer
+        self.cell = cell
+        self.run = run
+        self.sealer = ChainSealer(signer)
+        self.payloads: list[bytes] = []
+
+    def _add(self, type_: str, fields: dict[str, Any], *, sign: bool) -> bytes:
+        event = envelope(self.cell, self.run, type_, fields, self.sealer.sequence + 1)
+        payload = self.sealer.seal(event, sign=sign).payload
+        self.payloads.append(payload)
+        return payload
+
+    def opened(self, *, sign: bool = True, announce: Signer | None = None) -> bytes:
+        """``announce``: the key opened names, if not the one that signs it."""
+        named = announce or self.signer
+        return self._add(
+            CHAIN_TYPE + "opened",
+            {
+                "hostId": "hv-01",
+                "producerVersion": "0.1.0",
+                "signkid": named.kid,
+                "publicKey": named.public_key_b64,
+                "chainId": f"{self.cell}.{self.run}",
+                "socketPath": f"/run/cellos/{self.cell}.vsock_9001",
+                "probeTargets": {"nft": {"family": "inet", "table": "cell_7"}},
+                "signingMode": "adaptive",
+            },
+            sign=sign,
+        )
+
+    def guest(self, pid: int = 4242, *, sign: bool = True, monotonic_ns: int = 10**12) -> bytes:
+        return self._add(
+            GUEST_TYPE + "process_spawned",
+            {
+                "probeSource": "process.spawned",
+                "contentVersion": 1,
+                "guestPid": pid,
+                "guestComm": "bash",
+                "guestMonotonicNs": monotonic_ns,
+            },
+            sign=sign,
+        )
+
+    def host(self, *, sign: bool = True) -> bytes:
+        return self._add(
+            HOST_TYPE + "cgroup",
+            {
+                "probeSource": "host.cgroup",
+                "inputs": {"path": "/sys/fs/cgroup/cell-7"},
+                "output": {"cpu.pressure": {"some": {"avg10": 0.25, "avg60": 1.0}}},
+            },
+            sign=sign,
+        )
+
+    def checkpoint(self, *, sign: bool = True) -> bytes:
+        head = {
+            "headSequence": format_sequence(self.sealer.sequence),
+            "headHash": self.sealer.head_hash,
+        }
+        return self._add(CHAIN_TYPE + "checkpoint", head, sign=sign)
+
+    def gap(self, lost: int = 3, *, sign: bool = True) -> bytes:
+        fields = {"reason": "queue_full", "lostCount": lost, "firstLostAt": AT, "lastLostAt": AT}
+        return self._add(CHAIN_TYPE + "gap", fields, sign=sign)
+
+    def sealed(self, *, sign: bool = True) -> bytes:
+        fields = {
+            "reason": "deregistered",
+            "finalSequence": format_sequence(self.sealer.sequence + 1),
+        }
+        return self._add(CHAIN_TYPE + "sealed", fields, sign=sign)
+
+
+def full_chain(signer: Signer, cell: str = "cell-7", run: str = "run-1") -> ChainBuilder:
+    """opened, a mix of signed and unsigned guest/host events, checkpoint, gap, sealed."""
+    b = ChainBuilder(signer, cell, run)
+    b.opened()
+    b.guest(100, sign=False)
+    b.guest(101, sign=False)
+    b.guest(102)
+    b.host(sign=False)
+    b.checkpoint()
+    b.guest(103, sign=False, monotonic_ns=2**64 - 1)
+    b.gap()
+    b.guest(104)
+    b.sealed()
+    return b
