@@ -16,13 +16,12 @@ values JCS cannot express as :class:`~producer.errors.CanonicalizationError`. St
 escaping is msgspec's on both paths; it matches RFC 8785 3.2.2.2 byte for byte (the
 tests hold it to the ``rfc8785`` reference package).
 
-Integers: JCS treats every number as an IEEE 754 double, so a conforming encoder refuses
-integers beyond 2**53-1. Our guest counters are u64 (``guestMonotonicNs``), so we write
-every integer as its exact decimal digits instead of refusing or rounding it. There is
-deliberately no upper bound: JCS itself writes integral doubles below 1e21 as plain digits
-(``1e20`` -> ``100000000000000000000``), a JSON parser reads those back as integers, and a
-verifier re-canonicalizing what it parsed must get the same bytes again. See
-``docs/canonical-json.md``.
+Integers: JCS models every number as an IEEE 754 double, so only integers within
+±(2**53 - 1) (I-JSON, RFC 7493) have one canonical form. The protocol keeps every number
+in that range and writes 64-bit counters as decimal strings (``docs/protocol.md``), so
+this module is plain RFC 8785 with no extension: an integer outside the range is refused
+with :class:`~audit.errors.CanonicalizationError`, as the ``rfc8785`` reference package
+refuses it, and the tests hold the two byte-equal.
 """
 
 from __future__ import annotations
@@ -38,23 +37,23 @@ _ENCODER: Final = msgspec.json.Encoder(order="sorted")
 _encode: Final = _ENCODER.encode
 _encode_str: Final = msgspec.json.encode
 _FIRST_DIVERGENT_KEY_CHAR: Final = "\ue000"
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+"""The largest integer RFC 8785 (through I-JSON) can canonicalize; its negation the least."""
 
 
 def canonical(obj: Any) -> bytes:
     """Return the RFC 8785 bytes of ``obj`` (dict with str keys, list, tuple, str, int,
-    float, bool, None), with exact integers as the one extension.
+    float, bool, None).
 
     Raises :class:`CanonicalizationError` for anything JCS cannot express: NaN, infinities,
-    non-string keys, lone surrogates, other types (and integers of more than 4300 digits,
-    Python's conversion limit).
+    integers outside ±(2**53 - 1), non-string keys, lone surrogates, other types.
     """
     try:
         if _fast_path_is_exact(obj):
             return _encode(obj)
     except (TypeError, ValueError, RecursionError):
         # Non-str keys (TypeError from str.join), lone surrogates (UnicodeEncodeError is a
-        # ValueError), huge integers (ValueError) or deep nesting: the exact path names
-        # the problem precisely.
+        # ValueError) or deep nesting: the exact path names the problem precisely.
         pass
     return _exact(obj)
 
@@ -79,7 +78,8 @@ def _fast_path_is_exact(obj: Any) -> bool:
 
     Written for speed on event-shaped values: exact-type tests (subclasses take the exact
     path, which handles them), one ``str.join`` per dict to vet every key at C speed.
-    A False answer only costs time, so the key test is conservative.
+    A False answer only costs time (the exact path then decides), so the tests are
+    conservative: an integer outside the safe range also goes the exact way, to be refused.
     """
     t = type(obj)
     if t is dict:
@@ -89,12 +89,18 @@ def _fast_path_is_exact(obj: Any) -> bool:
         values = obj.values()
     elif t is list:
         values = obj
+    elif t is int:
+        return bool(-MAX_SAFE_INTEGER <= obj <= MAX_SAFE_INTEGER)
     else:
-        return t is str or t is int or t is bool or obj is None
+        return t is str or t is bool or obj is None
     for v in values:
         tv = type(v)
-        if tv is str or tv is int or tv is bool or v is None:
+        if tv is str or tv is bool or v is None:
             continue
+        if tv is int:
+            if -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+                continue
+            return False
         if (tv is dict or tv is list) and _fast_path_is_exact(v):
             continue
         return False
@@ -121,10 +127,12 @@ def _emit(obj: Any, out: list[bytes]) -> None:
     elif isinstance(obj, str):
         out.append(_string(str.__str__(obj)))
     elif isinstance(obj, int):
-        try:
-            out.append(int.__repr__(obj).encode("ascii"))
-        except ValueError:
-            raise CanonicalizationError("integer has too many digits to convert") from None
+        if not -MAX_SAFE_INTEGER <= obj <= MAX_SAFE_INTEGER:
+            raise CanonicalizationError(
+                "integer outside ±(2**53 - 1) has no RFC 8785 form; "
+                "64-bit quantities are decimal strings"
+            )
+        out.append(int.__repr__(obj).encode("ascii"))
     elif isinstance(obj, float):
         out.append(ecmascript_number(obj).encode("ascii"))
     elif isinstance(obj, dict):

@@ -54,8 +54,8 @@ async def collect_reports(
     chains = group_chains(payloads)
     reports = []
     for (cell_id, run_id), chain in sorted(chains.items()):
-        recorded = heads.get(f"{cell_id}.{run_id}")
-        head = (recorded.sequence, recorded.digest) if recorded is not None else None
+        recorded = [h for h in heads.values() if (h.cell_id, h.run_id) == (cell_id, run_id)]
+        head = (recorded[0].sequence, recorded[0].digest) if recorded else None
         reports.append(verify_chain(chain, trust, head=head))
     return reports
 

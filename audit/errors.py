@@ -35,3 +35,11 @@ class SourceError(AuditError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class MessageError(AuditError):
+    """A NATS message is not a CloudEvent in either binding mode."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -12,7 +12,8 @@ _decoder = msgspec.json.Decoder(ChainHead)
 
 
 async def read_heads(js: JetStreamContext, bucket: str) -> dict[str, ChainHead]:
-    """Every recorded head, by ``<cellId>.<runId>``; empty when the bucket does not exist."""
+    """Every recorded head, by ``<cellId>.<runId>.<chainId>``; empty when the bucket does not
+    exist."""
     try:
         kv = await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:

@@ -8,27 +8,14 @@ the structured event (``ce-`` headers + data) so the pure verifier sees one shap
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from audit.canonical import canonical
 from audit.errors import SourceError
-
-
-def structured_payload(data: bytes, headers: Mapping[str, str] | None) -> bytes:
-    """The event as structured-mode JSON, whichever binding mode it was published in."""
-    if not headers or not any(k.startswith("ce-") for k in headers):
-        return data
-    event: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
-    event["datacontenttype"] = headers.get("Content-Type", "application/json")
-    event["data"] = msgspec.json.decode(data)
-    return canonical(event)
+from audit.message import structured_bytes
 
 
 async def fetch_history(
@@ -59,7 +46,7 @@ async def fetch_history(
             except nats.errors.TimeoutError:
                 break
             for msg in msgs:
-                out.append(structured_payload(msg.data, msg.headers))
+                out.append(structured_bytes(msg.data, msg.headers))
                 await msg.ack()
             if msgs and msgs[-1].metadata.num_pending == 0:
                 break

@@ -7,7 +7,8 @@ import msgspec
 
 
 class ChainHead(msgspec.Struct, frozen=True, rename="camel", kw_only=True):
-    """The value stored under ``<cellId>.<runId>``."""
+    """The value stored under ``<cellId>.<runId>.<chainId>``: one key per chain, so an
+    auditor allowed to read one cell's keys reads that cell's heads and nothing else."""
 
     cell_id: str
     run_id: str
@@ -20,4 +21,9 @@ class ChainHead(msgspec.Struct, frozen=True, rename="camel", kw_only=True):
 
     @property
     def key(self) -> str:
-        return f"{self.cell_id}.{self.run_id}"
+        return head_key(self.cell_id, self.run_id, self.chain_id)
+
+
+def head_key(cell_id: str, run_id: str, chain_id: str) -> str:
+    """The bucket key of a chain's recorded head."""
+    return f"{cell_id}.{run_id}.{chain_id}"

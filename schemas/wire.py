@@ -6,16 +6,10 @@ from typing import Final
 
 import msgspec
 
-PROBE_SOURCES: Final = frozenset(
-    {
-        "process.spawned",
-        "process.exited",
-        "capability.denied",
-        "net.connect_attempted",
-        "fs.inotify_fired",
-    }
-)
-"""SPEC 2.3: the kinds the guest agent may declare."""
+from schemas.events import GUEST_SOURCES
+
+PROBE_SOURCES: Final = frozenset(GUEST_SOURCES)
+"""The kinds the guest agent may declare (docs/protocol.md, "Guest frames")."""
 
 CONTENT_VERSION: Final = 1
 MAX_BODY: Final = 4096

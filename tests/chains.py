@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -44,6 +45,7 @@ class ChainBuilder:
         self.signer = signer
         self.cell = cell
         self.run = run
+        self.chain_id = hashlib.sha256(f"{cell}.{run}".encode()).hexdigest()[:16]
         self.sealer = ChainSealer(signer)
         self.payloads: list[bytes] = []
 
@@ -63,15 +65,17 @@ class ChainBuilder:
                 "producerVersion": "0.1.0",
                 "signkid": named.kid,
                 "publicKey": named.public_key_b64,
-                "chainId": f"{self.cell}.{self.run}",
+                "chainId": self.chain_id,
                 "socketPath": f"/run/cellos/{self.cell}.vsock_9001",
                 "probeTargets": {"nft": {"family": "inet", "table": "cell_7"}},
                 "signingMode": "adaptive",
+                "supersedes": None,
             },
             sign=sign,
         )
 
     def guest(self, pid: int = 4242, *, sign: bool = True, monotonic_ns: int = 10**12) -> bytes:
+        """A guest event; ``monotonic_ns`` is written as the decimal string events carry."""
         return self._add(
             GUEST_TYPE + "process_spawned",
             {
@@ -79,7 +83,7 @@ class ChainBuilder:
                 "contentVersion": 1,
                 "guestPid": pid,
                 "guestComm": "bash",
-                "guestMonotonicNs": monotonic_ns,
+                "guestMonotonicNs": str(monotonic_ns),
             },
             sign=sign,
         )
@@ -90,7 +94,7 @@ class ChainBuilder:
             {
                 "probeSource": "host.cgroup",
                 "inputs": {"path": "/sys/fs/cgroup/cell-7"},
-                "output": {"cpu.pressure": {"some": {"avg10": 0.25, "avg60": 1.0}}},
+                "output": {"cpu.stat": {"usage_usec": "123456", "nr_periods": "0"}},
             },
             sign=sign,
         )

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import msgspec
 import nats
 
@@ -22,6 +23,7 @@ from producer.chain.signing import Signer, generate_key_file
 from producer.guest.simulator import run_guest
 from producer.ops.config import CellSpec, Config
 from producer.ops.daemon import Producer
+from schemas.generate import HERE as SCHEMA_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS_DIR = REPO / "tests" / "vectors"
@@ -79,12 +81,26 @@ async def running_producer(
         shutil.rmtree(base, ignore_errors=True)
 
 
+ENVELOPE_VALIDATOR = jsonschema.Draft202012Validator(
+    json.loads((SCHEMA_DIR / "envelope.schema.json").read_text(encoding="utf-8"))
+)
+
+
+def assert_valid_event(payload: bytes) -> None:
+    """Every event the suite reads back must satisfy the published envelope schema."""
+    ENVELOPE_VALIDATOR.validate(json.loads(payload))
+
+
 async def history(url: str, cell_id: str, *, stream: str = "CELLOS_TELEMETRY") -> list[bytes]:
+    """A cell's events as published, each checked against the envelope schema."""
     nc = await nats.connect(url)
     try:
-        return await fetch_history(nc, stream=stream, subject=f"cellos.telemetry.{cell_id}.>")
+        payloads = await fetch_history(nc, stream=stream, subject=f"cellos.telemetry.{cell_id}.>")
     finally:
         await nc.close()
+    for payload in payloads:
+        assert_valid_event(payload)
+    return payloads
 
 
 async def verified(

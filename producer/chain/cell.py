@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audit.digest import format_sequence
+from audit.message import STRUCTURED_CONTENT_TYPE, binary_payload
 from producer import __version__
 from producer.aio import cancel_and_wait
 from producer.chain.events import (
-    STRUCTURED_CONTENT_TYPE,
     ChainContext,
     GuestEncoder,
     Pending,
     Rfc3339Clock,
-    binary_payload,
     chain_event,
     guest_event,
     nats_headers,
@@ -373,6 +372,7 @@ class CellRuntime:
                     "socketPath": socket_path,
                     "probeTargets": targets,
                     "signingMode": signing_mode,
+                    "supersedes": None,
                 },
             )
         )

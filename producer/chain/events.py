@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
-from audit.canonical import canonical
-from schemas.events import CHAIN_TYPE, GUEST_TYPE
+from audit.message import STRUCTURED_CONTENT_TYPE, binary_headers
+from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
 from schemas.wire import PROBE_SOURCES, Declaration
-
-STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json"
 
 
 class Rfc3339Clock:
@@ -86,7 +84,7 @@ class Pending:
     subject: str
     event: dict[str, Any]
     control: bool = False
-    """Chain events (opened/checkpoint/gap/sealed) are always signed (SPEC 5.1)."""
+    """Chain events (opened/checkpoint/gap/resumed/sealed) are always signed."""
 
 
 def guest_kind(probe_source: str) -> str:
@@ -100,7 +98,7 @@ def guest_event(ctx: ChainContext, decl: Declaration, at: str) -> Pending:
     data["contentVersion"] = decl.content_version
     data["guestPid"] = decl.guest_pid
     data["guestComm"] = decl.guest_comm
-    data["guestMonotonicNs"] = decl.guest_monotonic_ns
+    data["guestMonotonicNs"] = str(decl.guest_monotonic_ns)
     return Pending(f"{ctx.subject_base}.guest.{kind}", ctx.envelope(GUEST_TYPE + kind, at, data))
 
 
@@ -175,7 +173,7 @@ class GuestEncoder:
                 b"%d" % decl.content_version,
                 b',"guestComm":',
                 _json(decl.guest_comm),
-                b',"guestMonotonicNs":%d,"guestPid":%d,"hostReceivedAt":'
+                b',"guestMonotonicNs":"%d","guestPid":%d,"hostReceivedAt":'
                 % (decl.guest_monotonic_ns, decl.guest_pid),
                 at_json,
                 source,
@@ -203,8 +201,20 @@ def silenced_event(
     return Pending(f"{ctx.subject_base}.guest.{kind}", ctx.envelope(GUEST_TYPE + kind, at, data))
 
 
+def host_event(
+    ctx: ChainContext, probe: str, at: str, inputs: dict[str, Any], output: dict[str, Any]
+) -> Pending:
+    """A host probe reading (``nftables``, ``cgroup``, ``fc_metrics``, ``tap_link``), stamped
+    with the time it was dispatched."""
+    data = ctx.stamped(at)
+    data["probeSource"] = f"host.{probe}"
+    data["inputs"] = inputs
+    data["output"] = output
+    return Pending(f"{ctx.subject_base}.host.{probe}", ctx.envelope(HOST_TYPE + probe, at, data))
+
+
 def chain_event(ctx: ChainContext, kind: str, at: str, fields: dict[str, Any]) -> Pending:
-    """``opened``/``checkpoint``/``gap``/``sealed`` with their kind-specific fields."""
+    """``opened``/``checkpoint``/``gap``/``resumed``/``sealed`` with their own fields."""
     data = ctx.stamped(at)
     data.update(fields)
     return Pending(
@@ -215,20 +225,8 @@ def chain_event(ctx: ChainContext, kind: str, at: str, fields: dict[str, Any]) -
 
 
 def nats_headers(event: dict[str, Any], *, binary: bool) -> dict[str, str]:
-    """Headers of the CloudEvents NATS binding (SPEC 6) for a sealed event.
-
-    Structured mode (default) needs only the message id and content type; binary mode moves
-    every attribute except ``data`` into ``ce-`` headers.
-    """
-    if not binary:
-        return {"Nats-Msg-Id": event["id"], "Content-Type": STRUCTURED_CONTENT_TYPE}
-    headers = {"Nats-Msg-Id": event["id"], "Content-Type": event["datacontenttype"]}
-    for key, value in event.items():
-        if key not in ("data", "datacontenttype"):
-            headers["ce-" + key] = str(value)
-    return headers
-
-
-def binary_payload(event: dict[str, Any]) -> bytes:
-    """Binary-mode body: the canonical JSON of ``data`` alone."""
-    return canonical(event["data"])
+    """Headers of the CloudEvents NATS binding for a sealed event: structured mode needs
+    only the message id and content type; binary mode carries every attribute."""
+    if binary:
+        return binary_headers(event)
+    return {"Nats-Msg-Id": event["id"], "Content-Type": STRUCTURED_CONTENT_TYPE}

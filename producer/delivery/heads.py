@@ -31,19 +31,28 @@ log = logging.getLogger(__name__)
 
 
 async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
-    """Bind the bucket, creating it (file storage, one revision per key) when missing."""
+    """Bind the bucket, creating it (file storage, one revision per key, direct gets) when
+    missing, and turning direct gets on for one created without them: a per-cell auditor
+    reads its cell's heads with direct gets, which need no consumer and so no rights to
+    the others' keys."""
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
-        pass
+        kv = None
     except (nats.errors.Error, TimeoutError) as exc:
         raise BrokerError(f"cannot open key-value bucket {bucket}: {exc!r}") from exc
     try:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
-        )
+        if kv is None:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, direct=True)
+            )
+        info = await js.stream_info(f"KV_{bucket}")
+        if not info.config.allow_direct:
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
+        return kv
     except (nats.errors.Error, TimeoutError) as exc:
-        raise BrokerError(f"cannot create key-value bucket {bucket}: {exc!r}") from exc
+        raise BrokerError(f"cannot set up key-value bucket {bucket}: {exc!r}") from exc
 
 
 class HeadRecorder:

@@ -43,10 +43,11 @@ def _assert_problem(report: ChainReport, *fragments: str) -> None:
 
 
 def test_genuine_sealed_chain_verifies() -> None:
-    chain = full_chain(SIGNER).payloads
+    built = full_chain(SIGNER)
+    chain = built.payloads
     report = _report(chain)
     assert report.ok, report.problems
-    assert (report.cell_id, report.run_id, report.chain_id) == ("cell-7", "run-1", "cell-7.run-1")
+    assert (report.cell_id, report.run_id, report.chain_id) == ("cell-7", "run-1", built.chain_id)
     assert (report.events, report.first_sequence, report.last_sequence) == (10, 1, 10)
     assert report.signed == 6  # opened, guest 102, checkpoint, gap, guest 104, sealed
     assert report.sealed and report.unsigned_tail == 0

@@ -5,14 +5,25 @@ from __future__ import annotations
 import time
 
 import msgspec
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audit.canonical import canonical
 from audit.digest import format_sequence
-from producer.chain.events import ChainContext, GuestEncoder, Rfc3339Clock, guest_event
+from producer.chain.events import (
+    ChainContext,
+    GuestEncoder,
+    Pending,
+    Rfc3339Clock,
+    chain_event,
+    guest_event,
+    host_event,
+    silenced_event,
+)
 from producer.chain.sealer import ChainSealer
 from producer.chain.signing import Signer
+from schemas.events import CHAIN_KINDS, HOST_PROBES
 from schemas.wire import PROBE_SOURCES, Declaration
 from tests.chains import new_signer
 
@@ -71,6 +82,7 @@ def test_template_equals_canonical_of_the_dict(
         event["signkid"] = kid
     encoder = GuestEncoder(ctx)
     assert encoder.encode(decl, at, sequence, prevhash, kid) == canonical(event)
+    assert canonical(event) == rfc8785.dumps(event)  # plain RFC 8785, even at u64 max
     assert encoder.subject(decl) == guest_event(ctx, decl, at).subject
 
 
@@ -95,6 +107,40 @@ def test_template_sealing_matches_dict_sealing(
 
 
 SIGNER = new_signer()
+
+u64_strings = st.integers(0, 2**64 - 1).map(str)
+safe_ints = st.integers(0, 2**53 - 1)
+counters = st.dictionaries(
+    st.text(min_size=1, max_size=12), u64_strings | safe_ints | st.text(max_size=8), max_size=5
+)
+
+
+@st.composite
+def any_event(draw: st.DrawFn) -> Pending:
+    """One event of every builder the producer seals, with arbitrary allowed values."""
+    ctx, at = draw(contexts), draw(times)
+    kind = draw(st.sampled_from(["guest", "silenced", "host", *CHAIN_KINDS]))
+    if kind == "guest":
+        return guest_event(ctx, draw(declarations), at)
+    if kind == "silenced":
+        last = draw(st.none() | times)
+        return silenced_event(
+            ctx, at, window_ms=draw(safe_ints), silent_for_ms=draw(safe_ints), last_frame_at=last
+        )
+    if kind == "host":
+        probe = draw(st.sampled_from(HOST_PROBES))
+        return host_event(ctx, probe, at, draw(counters), {"rows": [draw(counters)]})
+    fields = draw(st.dictionaries(st.text(max_size=10), u64_strings | safe_ints | st.booleans()))
+    return chain_event(ctx, kind, at, fields)
+
+
+@settings(max_examples=300)
+@given(any_event(), st.booleans())
+def test_every_event_type_seals_to_plain_rfc8785(pending: Pending, sign: bool) -> None:
+    event = pending.event
+    event["id"] = "0" * 16 + "-1"
+    payload = ChainSealer(SIGNER).seal(event, sign=sign).payload
+    assert rfc8785.dumps(msgspec.json.decode(payload)) == payload
 
 
 def test_rfc3339_clock_formats_microseconds_utc() -> None:

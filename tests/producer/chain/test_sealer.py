@@ -35,7 +35,7 @@ _sneaky_text = st.sampled_from(
 _json = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**64), 2**64)
+    | st.integers(-(2**53 - 1), 2**53 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | _sneaky_text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_sneaky_text, inner, max_size=4),
