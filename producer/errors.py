@@ -49,6 +49,15 @@ class ChainError(ProducerError):
         super().__init__(reason)
 
 
+class SpoolError(ProducerError):
+    """The write-ahead spool cannot be opened, written or read; ``path`` names what."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"spool {path}: {reason}")
+
+
 class BrokerError(ProducerError):
     """Base for problems talking to NATS / JetStream."""
 
