@@ -135,7 +135,7 @@ def verify_chain(
         by_sequence[event.sequence] = event
 
     order = sorted(by_sequence)
-    problems.extend(_holes(order))
+    problems.extend(_holes(order, _declared_holes(by_sequence.values())))
     if head is not None:
         recorded = by_sequence.get(head[0])
         if recorded is None:
@@ -201,13 +201,33 @@ def _parse(index: int, payload: bytes, problems: list[str]) -> _Event | None:
     return _Event(sequence, body, digest_of(full), full == payload)
 
 
-def _holes(order: list[int]) -> list[str]:
+def _declared_holes(events: Iterable[_Event]) -> set[int]:
+    """Sequences a ``gap`` event declares lost (a producer whose spool was damaged lost
+    sealed events); its signature is checked with every other chain event's."""
+    declared: set[int] = set()
+    for event in events:
+        if event.body.get("type") != GAP:
+            continue
+        data = event.body.get("data")
+        if type(data) is not dict:
+            continue
+        first, last = data.get("firstLostSequence"), data.get("lastLostSequence")
+        if type(first) is str and type(last) is str and first.isdigit() and last.isdigit():
+            lo, hi = int(first), int(last)
+            if 0 < lo <= hi < event.sequence:
+                declared.update(range(lo, hi + 1))
+    return declared
+
+
+def _holes(order: list[int], declared: set[int]) -> list[str]:
     found = []
     expected = 1
     for sequence in order:
         if sequence != expected:
-            span = str(expected) if sequence - 1 == expected else f"{expected}-{sequence - 1}"
-            found.append(f"seq {span} missing (an undeclared hole)")
+            missing = set(range(expected, sequence))
+            if not missing <= declared:
+                span = str(expected) if sequence - 1 == expected else f"{expected}-{sequence - 1}"
+                found.append(f"seq {span} missing (an undeclared hole)")
         expected = sequence + 1
     return found
 

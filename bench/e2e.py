@@ -376,7 +376,7 @@ async def run_producer(
                 msg = await queue_get(guests.ready, 120)
                 if msg[0] != "ready":
                     raise RuntimeError(f"guest process {msg[1]} failed: {msg[2]}")
-            await publisher.drain(10)  # the `opened` events: start from an idle pipeline
+            await producer.drain(10)  # the `opened` events: start from an idle pipeline
             acked0 = publisher.stats.acked
             user0, sys0 = self_cpu()
             server0 = proc_cpu_s(server.pid)
@@ -398,7 +398,7 @@ async def run_producer(
                     break
                 await asyncio.sleep(POLL_S)
             # Every frame is read; drain() returns when the last queued event is PubAcked.
-            complete = await publisher.drain(max(1.0, deadline - time.monotonic())) and complete
+            complete = await producer.drain(max(1.0, deadline - time.monotonic())) and complete
             t_end = time.monotonic()
             WATCHDOG.deadline = float("inf")
             if profiler is not None:

@@ -157,12 +157,18 @@ class CheckpointData(_Data, kw_only=True):
 
 
 class GapData(_Data, kw_only=True):
-    """``chain.v1.gap``: the producer knowingly lost events; losses are never silent."""
+    """``chain.v1.gap``: the producer knowingly lost events; losses are never silent.
+
+    Events lost before they were sealed leave no hole in the chain. Only sealed events
+    lost from a damaged spool do, and then the gap names the hole's sequence range.
+    """
 
     reason: str
     lost_count: SafeUInt
     first_lost_at: Timestamp | None
     last_lost_at: Timestamp | None
+    first_lost_sequence: Sequence | msgspec.UnsetType = msgspec.UNSET
+    last_lost_sequence: Sequence | msgspec.UnsetType = msgspec.UNSET
 
 
 class SealedData(_Data, kw_only=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -51,7 +52,7 @@ def make_config(
 ) -> Config:
     raw: dict[str, Any] = {
         "host_id": "test-host",
-        "data_dir": "/tmp",
+        "data_dir": os.path.dirname(key_file),
         "nats": {"url": url, **sections.pop("nats", {})},
         "signing": {"key_file": key_file, **sections.pop("signing", {})},
         "cells": [msgspec.to_builtins(c) for c in cells],
@@ -143,7 +144,7 @@ async def seal_and_verify(
     """Deregister (seal) the cell, wait for every PubAck, read its chain back and verify."""
     assert producer.registry is not None and producer.publisher is not None
     await producer.registry.deregister(cell_id)
-    assert await producer.publisher.drain(10)
+    assert await producer.drain(10)
     return await verified(url, cell_id, signer)
 
 

@@ -1,9 +1,13 @@
 """One registered cell at run time: its chain, its listener's frames, its counters.
 
-Everything here runs on the event loop thread. Sealing (sequence, prevhash, signature)
-and handing the message to the publisher happen in one synchronous step, so a chain's
-sequence order is the order its events enter the publisher queue, with no await between
-them that could interleave another event of the same chain.
+Everything here runs on the event loop thread. Sealing (sequence, prevhash, signature) and
+appending to the spool happen in one synchronous step, so a chain's sequence order is the
+order its events enter the spool, with no await between them that could interleave
+another event of the same chain.
+
+A chain outlives this object: a runtime is built either for a new chain (whose first event
+is ``opened``) or for one the spool restored after a restart (whose first new event is
+``resumed``), and a producer stop *suspends* it (:meth:`suspend`) instead of sealing it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audit.digest import format_sequence
-from audit.message import STRUCTURED_CONTENT_TYPE, binary_payload
 from producer import __version__
 from producer.aio import cancel_and_wait
 from producer.chain.events import (
@@ -26,18 +29,16 @@ from producer.chain.events import (
     Pending,
     Rfc3339Clock,
     chain_event,
-    guest_event,
-    nats_headers,
     silenced_event,
 )
-from producer.chain.sealer import ChainSealer, Sealed
+from producer.chain.sealer import ChainSealer
 from producer.chain.signing import Signer
 from producer.chain.signpolicy import SigningPolicy, UnsignedRun
-from producer.delivery.publisher import OutMsg, Publisher
+from producer.delivery import records as rec
+from producer.delivery.spool import ChainState, Loss, Spool
 from producer.guest.listener import CellListener
 from producer.guest.wire import BodyError, FramingError
 from producer.ops.config import CellSpec
-from schemas.heads import ChainHead
 from schemas.wire import Declaration
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class CellCounters:
 class CellSettings:
     """The slice of the config a cell runtime needs, resolved once by the registry."""
 
-    binary_mode: bool
+    host_id: str
+    signing_mode: str
     checkpoint_every: int
     checkpoint_interval_s: float
     silence_window_ms: int
@@ -84,17 +86,30 @@ def _time_of(item: Pending | GuestFrame) -> str:
     return item[1] if isinstance(item, tuple) else str(item.event["time"])
 
 
+def _flags(signed: bool, kind: str | None) -> int:
+    """Spool record flags for an event; ``kind`` is a chain event's kind, or None."""
+    flags = rec.SIGNED if signed else 0
+    if kind is not None:
+        flags |= rec.CONTROL | rec.NOTE_HEAD
+        if kind == "checkpoint":
+            flags |= rec.CHECKPOINT
+        elif kind == "sealed":
+            flags |= rec.SEALED
+    return flags
+
+
 class CellRuntime:
-    """Turns one cell's frames and readings into sealed events on the publisher's queue."""
+    """Turns one cell's frames and readings into sealed events in the spool."""
 
     def __init__(
         self,
         spec: CellSpec,
         ctx: ChainContext,
+        chain: ChainState,
         *,
         signer: Signer,
         policy: SigningPolicy,
-        publisher: Publisher,
+        spool: Spool,
         settings: CellSettings,
         max_connections: int,
         wall: Rfc3339Clock,
@@ -103,31 +118,36 @@ class CellRuntime:
         self.spec = spec
         self.cell_id = spec.cell_id
         self.ctx = ctx
+        self.chain = chain
         self.counters = CellCounters()
         self.listener = CellListener(self, max_connections=max_connections)
         self.socket_path = ""
-        self._signer = signer
+        self.signer = signer
         self._policy = policy
-        self._publisher = publisher
+        self._spool = spool
         self._settings = settings
         self._wall = wall
         self._mono = mono
-        self._sealer = ChainSealer(signer)
-        self._unsigned = UnsignedRun()
+        self._sealer = ChainSealer(signer, sequence=chain.sequence, head_hash=chain.head_hash)
+        now = mono()
+        self._unsigned = UnsignedRun(count=chain.unsigned, since_s=now)
         self._batch: list[Pending | GuestFrame] = []
         self._guest = GuestEncoder(ctx)
-        self._since_checkpoint = 0
-        self._last_checkpoint_s = mono()
-        self._last_frame_s = mono()  # registration counts as "just heard" (SPEC 8)
+        self._since_checkpoint = chain.since_checkpoint
+        self._last_checkpoint_s = now
+        self._last_frame_s = now  # registration counts as "just heard" (SPEC 8)
         self._last_frame_at: str | None = None
         self._silenced = False
         self._lost = _Lost()
         self._waiter: asyncio.Task[None] | None = None
         self._cover: asyncio.TimerHandle | None = None
-        self.sealed = False
         self._head_noted_s = -HEAD_INTERVAL_S
         self.closing = False
-        """Set when sealing starts: from then on only seal() may add events."""
+        """Set when the chain is being sealed or suspended: from then on no frame is taken."""
+
+    @property
+    def sealed(self) -> bool:
+        return self.chain.sealed
 
     # -- FrameHandler ----------------------------------------------------------------------
 
@@ -165,33 +185,26 @@ class CellRuntime:
 
     # -- sealing ---------------------------------------------------------------------------
 
-    def _seal_and_offer(self, pending: Pending, *, last_in_batch: bool, now_s: float) -> None:
-        """Seal one event and queue it; the caller has checked the queue has room."""
+    def _seal_pending(self, pending: Pending, *, last_in_batch: bool, now_s: float) -> None:
+        """Seal one event and spool it; the caller has checked the spool has room."""
         sign = self._policy.decide(
             self._unsigned, control=pending.control, last_in_batch=last_in_batch, now_s=now_s
         )
         event = pending.event
-        sealer = self._sealer
-        event["id"] = f"{self.ctx.chain_id}-{sealer.sequence + 1}"
-        sealed = sealer.seal(event, sign=sign)
+        event["id"] = f"{self.ctx.chain_id}-{self._sealer.sequence + 1}"
+        sealed = self._sealer.seal(event, sign=sign)
         self._policy.record(self._unsigned, signed=sign, now_s=now_s)
-        binary = self._settings.binary_mode
-        payload = binary_payload(event) if binary else sealed.payload
-        msg = OutMsg(pending.subject, payload, event["id"], nats_headers(event, binary=binary))
-        if sign and (pending.control or now_s - self._head_noted_s >= HEAD_INTERVAL_S):
-            msg.head = self._head(sealed, event["id"], event["type"], now_s)
-        self._publisher.offer(msg, force=True)
-        self.counters.events += 1
-        if sign:
-            self.counters.signed += 1
-        self._since_checkpoint += 1
+        kind = str(event["type"]).rsplit(".", 1)[1] if pending.control else None
+        flags = _flags(sign, kind)
+        if sign and kind is None and now_s - self._head_noted_s >= HEAD_INTERVAL_S:
+            flags |= rec.NOTE_HEAD
+        if flags & rec.NOTE_HEAD:
+            self._head_noted_s = now_s
+        self._spool.append_event(self.chain, sealed, flags, pending.subject, str(event["time"]))
+        self._count(sign)
 
     def _seal_guest(self, frame: GuestFrame, *, last_in_batch: bool, now_s: float) -> None:
         """The hot path: a guest event sealed from the chain's template, no dict built."""
-        if self._settings.binary_mode:  # binary mode needs every attribute as a header
-            pending = guest_event(self.ctx, frame[0], frame[1])
-            self._seal_and_offer(pending, last_in_batch=last_in_batch, now_s=now_s)
-            return
         sign = self._policy.decide(
             self._unsigned, control=False, last_in_batch=last_in_batch, now_s=now_s
         )
@@ -201,53 +214,37 @@ class CellRuntime:
             lambda seq, prev, kid: guest.encode(decl, at, seq, prev, kid), sign=sign
         )
         self._policy.record(self._unsigned, signed=sign, now_s=now_s)
-        event_id = guest.event_id(sealed.sequence)
-        msg = OutMsg(
-            guest.subject(decl),
-            sealed.payload,
-            event_id,
-            {"Nats-Msg-Id": event_id, "Content-Type": STRUCTURED_CONTENT_TYPE},
-        )
+        flags = rec.SIGNED if sign else 0
         if sign and now_s - self._head_noted_s >= HEAD_INTERVAL_S:
-            msg.head = self._head(sealed, event_id, guest.type_(decl), now_s)
-        self._publisher.offer(msg, force=True)
+            flags |= rec.NOTE_HEAD
+            self._head_noted_s = now_s
+        self._spool.append_event(self.chain, sealed, flags, guest.subject(decl), at)
+        self._count(sign)
+
+    def _count(self, signed: bool) -> None:
         self.counters.events += 1
-        if sign:
+        if signed:
             self.counters.signed += 1
         self._since_checkpoint += 1
 
-    def _head(self, sealed: Sealed, event_id: str, type_: str, now_s: float) -> ChainHead:
-        """The chain head to record once this signed event is acknowledged (SPEC 5.3)."""
-        self._head_noted_s = now_s
-        ctx = self.ctx
-        return ChainHead(
-            cell_id=ctx.cell_id,
-            run_id=ctx.run_id,
-            chain_id=ctx.chain_id,
-            sequence=sealed.sequence,
-            digest=sealed.digest,
-            event_id=event_id,
-            type=type_,
-            sealed=type_.endswith(".sealed"),
-        )
-
-    def _flush(self) -> bool:
-        """Seal and queue the batch; False when the queue filled and readers must pause."""
+    def _flush(self, *, force: bool = False) -> bool:
+        """Seal and spool the batch; False when the spool is full and readers must pause.
+        ``force`` spools it regardless (what was read at a stop: a bounded overshoot)."""
         batch = self._batch
-        now_s = self._mono()
         if not batch:
             return True
-        publisher = self._publisher
+        now_s = self._mono()
+        spool = self._spool
         last = len(batch) - 1
         done = 0
         every = self._settings.checkpoint_every
         for i, item in enumerate(batch):
-            if not publisher.has_space():
+            if not force and not spool.has_space():
                 break
             if isinstance(item, tuple):
                 self._seal_guest(item, last_in_batch=i == last, now_s=now_s)
             else:
-                self._seal_and_offer(item, last_in_batch=i == last, now_s=now_s)
+                self._seal_pending(item, last_in_batch=i == last, now_s=now_s)
             done = i + 1
             if self._since_checkpoint >= every:
                 self._checkpoint(now_s)
@@ -277,29 +274,32 @@ class CellRuntime:
         if not self._lost.count:
             return
         lost, self._lost = self._lost, _Lost()
-        gap = chain_event(
-            self.ctx,
-            "gap",
-            self._wall.now(),
-            {
-                "reason": reason,
-                "lostCount": lost.count,
-                "firstLostAt": lost.first_at,
-                "lastLostAt": lost.last_at,
-            },
-        )
-        self._seal_and_offer(gap, last_in_batch=True, now_s=self._mono())
+        self.declare_gap(reason, Loss(lost.count, lost.first_at, lost.last_at))
+
+    def declare_gap(self, reason: str, loss: Loss) -> None:
+        """Seal a ``gap`` event: events this producer knows it lost are never silent."""
+        fields: dict[str, Any] = {
+            "reason": reason,
+            "lostCount": loss.count,
+            "firstLostAt": loss.first_at,
+            "lastLostAt": loss.last_at,
+        }
+        if loss.first_sequence is not None and loss.last_sequence is not None:
+            fields["firstLostSequence"] = format_sequence(loss.first_sequence)
+            fields["lastLostSequence"] = format_sequence(loss.last_sequence)
+        gap = chain_event(self.ctx, "gap", self._wall.now(), fields)
+        self._seal_pending(gap, last_in_batch=True, now_s=self._mono())
 
     def _wait_for_space(self) -> None:
         if self._waiter is None or self._waiter.done():
             self._waiter = asyncio.get_running_loop().create_task(self._resume_when_space())
 
     async def _resume_when_space(self) -> None:
-        await self._room()
+        await self._spool.wait_for_space()
         self._waiter = None
         if self.closing:
-            return  # seal() takes over what is left
-        self._declare_lost("queue_full")
+            return  # seal() or suspend() takes over what is left
+        self._declare_lost("spool_full")
         if self._flush():
             self.listener.resume()
 
@@ -316,65 +316,89 @@ class CellRuntime:
             self._wall.now(),
             {"headSequence": format_sequence(seq), "headHash": head},
         )
-        self._seal_and_offer(event, last_in_batch=True, now_s=now_s)
+        self._seal_pending(event, last_in_batch=True, now_s=now_s)
         self._since_checkpoint = 0
         self._last_checkpoint_s = now_s
 
     def _cover_tail(self) -> None:
         """An unsigned tail is about to outlive ``max_unsigned_ms``: sign a checkpoint over
-        it, even into a full queue (a chain event may overshoot the bound by one)."""
+        it, even into a full spool (a chain event may overshoot the bound by one)."""
         self._cover = None
         if not self.sealed and self._unsigned.count:
             self._checkpoint(self._mono())
 
     # -- control events --------------------------------------------------------------------
 
-    async def _room(self) -> None:
-        while not self._publisher.has_space():
-            await self._publisher.wait_for_space()
-
-    async def emit(self, pending: Pending) -> None:
-        """Seal and queue an event from outside the frame path, waiting for queue room.
+    async def emit(self, pending: Pending) -> bool:
+        """Seal and spool an event from outside the frame path, waiting for spool room.
 
         Nothing is sealed once the chain is closing: ``sealed`` must stay the last event.
         """
-        await self._room()
-        if not self.closing:
-            self._seal_and_offer(pending, last_in_batch=True, now_s=self._mono())
+        await self._spool.wait_for_space()
+        if self.closing:
+            return False
+        self._seal_pending(pending, last_in_batch=True, now_s=self._mono())
+        return True
 
-    async def open(self, *, host_id: str, socket_path: str, signing_mode: str) -> None:
+    def offer(self, pending: Pending) -> bool:
+        """Seal and spool an event if the spool has room now; False otherwise (the caller
+        skips it and counts the skip, as a probe does with its tick)."""
+        if self.closing or not self._spool.has_space():
+            return False
+        self._seal_pending(pending, last_in_batch=True, now_s=self._mono())
+        return True
+
+    def open_chain(self, *, socket_path: str, supersedes: dict[str, Any] | None) -> None:
+        """Seal ``opened``, the first event of a new chain."""
         self.socket_path = socket_path
-        targets = {
-            k: v
-            for k, v in {
-                "nftFamily": self.spec.nft_family,
-                "nftTable": self.spec.nft_table,
-                "netns": self.spec.netns,
-                "cgroupPath": self.spec.cgroup_path,
-                "fcApiSocket": self.spec.fc_api_socket,
-                "fcMetricsPath": self.spec.fc_metrics_path,
-                "tapIface": self.spec.tap_iface,
-                "vsockCid": self.spec.vsock_cid,
-            }.items()
-            if v is not None
-        }
-        await self.emit(
+        self._seal_pending(
             chain_event(
                 self.ctx,
                 "opened",
                 self._wall.now(),
                 {
-                    "hostId": host_id,
+                    "hostId": self._settings.host_id,
                     "producerVersion": __version__,
-                    "signkid": self._signer.kid,
-                    "publicKey": self._signer.public_key_b64,
+                    "signkid": self.signer.kid,
+                    "publicKey": self.signer.public_key_b64,
                     "chainId": self.ctx.chain_id,
                     "socketPath": socket_path,
-                    "probeTargets": targets,
-                    "signingMode": signing_mode,
-                    "supersedes": None,
+                    "probeTargets": probe_targets(self.spec),
+                    "signingMode": self._settings.signing_mode,
+                    "supersedes": supersedes,
                 },
-            )
+            ),
+            last_in_batch=True,
+            now_s=self._mono(),
+        )
+
+    def resume_chain(self, *, socket_path: str, previous_stop_at: str | None, clean: bool) -> None:
+        """Seal ``resumed``, the first event a restarted producer adds to this chain."""
+        self.socket_path = socket_path
+        self._seal_pending(
+            chain_event(
+                self.ctx,
+                "resumed",
+                self._wall.now(),
+                {
+                    "previousStopAt": previous_stop_at,
+                    "clean": clean,
+                    "hostId": self._settings.host_id,
+                    "producerVersion": __version__,
+                    "signkid": self.signer.kid,
+                    "publicKey": self.signer.public_key_b64,
+                },
+            ),
+            last_in_batch=True,
+            now_s=self._mono(),
+        )
+
+    def rekey(self, signer: Signer) -> None:
+        """Sign this chain's next events with ``signer`` (key rotation: the chain goes on,
+        its events name the new ``signkid``)."""
+        self.signer = signer
+        self._sealer = ChainSealer(
+            signer, sequence=self._sealer.sequence, head_hash=self._sealer.head_hash
         )
 
     async def run_tick(self) -> None:
@@ -402,28 +426,25 @@ class CellRuntime:
             self._since_checkpoint
             and now_s - self._last_checkpoint_s >= self._settings.checkpoint_interval_s
         ):
-            await self._room()
+            await self._spool.wait_for_space()
             if not self.closing:
                 self._checkpoint(self._mono())
 
-    async def seal(self, reason: str, *, grace_s: float = 5.0) -> None:
-        """Stop the listener, queue what was read, then the ``sealed`` event (always last).
-
-        Frames already read wait up to ``grace_s`` for queue room (a broker outage can keep
-        the queue full); past that they are dropped and declared by a ``gap`` event, so
-        deregistration and shutdown always finish. Chain events are queued even into a
-        full queue: a few over the bound, never lost.
-        """
+    async def _stop_reading(self, grace_s: float) -> None:
+        """Close the listener and spool what was already read. A spool that is full by its
+        own bound takes it anyway (at most one read per connection over); only when the disk
+        itself refuses does the rest wait up to ``grace_s`` and is then dropped, declared in
+        a ``gap`` event."""
         self.closing = True
         await self.listener.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while not self._flush():
+        while not self._flush(force=self._spool.can_overflow()):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self._drop(self._batch)
                 break
-            room = loop.create_task(self._room())
+            room = loop.create_task(self._spool.wait_for_space())
             await asyncio.wait({room}, timeout=remaining)
             await cancel_and_wait(room)
         await cancel_and_wait(self._waiter)
@@ -431,13 +452,21 @@ class CellRuntime:
         if self._cover is not None:
             self._cover.cancel()
             self._cover = None
-        self._declare_lost("queue_full")
+        self._declare_lost("spool_full")
+
+    async def suspend(self, *, grace_s: float = 5.0) -> None:
+        """A producer stop: stop reading and spool what was read. The chain stays open; the
+        next start continues it with ``resumed``."""
+        await self._stop_reading(grace_s)
+
+    async def seal(self, reason: str, *, grace_s: float = 5.0) -> None:
+        """End the chain: stop reading, spool what was read, then ``sealed`` (always last)."""
+        await self._stop_reading(grace_s)
         final = format_sequence(self._sealer.sequence + 1)
         sealed = chain_event(
             self.ctx, "sealed", self._wall.now(), {"reason": reason, "finalSequence": final}
         )
-        self._seal_and_offer(sealed, last_in_batch=True, now_s=self._mono())
-        self.sealed = True
+        self._seal_pending(sealed, last_in_batch=True, now_s=self._mono())
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for the live view and the logs."""
@@ -445,6 +474,7 @@ class CellRuntime:
         return {
             "cell_id": self.cell_id,
             "run_id": self.ctx.run_id,
+            "chain_id": self.ctx.chain_id,
             "accepted": c.accepted,
             "rejected": dict(c.rejected),
             "events": c.events,
@@ -452,4 +482,23 @@ class CellRuntime:
             "dropped": c.dropped_full,
             "connections": c.connections_open,
             "sequence": self._sealer.sequence,
+            "acked_sequence": self.chain.acked_seq,
         }
+
+
+def probe_targets(spec: CellSpec) -> dict[str, Any]:
+    """The registration's probe targets as ``opened`` announces them."""
+    return {
+        k: v
+        for k, v in {
+            "nftFamily": spec.nft_family,
+            "nftTable": spec.nft_table,
+            "netns": spec.netns,
+            "cgroupPath": spec.cgroup_path,
+            "fcApiSocket": spec.fc_api_socket,
+            "fcMetricsPath": spec.fc_metrics_path,
+            "tapIface": spec.tap_iface,
+            "vsockCid": spec.vsock_cid,
+        }.items()
+        if v is not None
+    }

@@ -13,7 +13,9 @@ of chains), and only a newer sequence replaces it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
@@ -30,7 +32,7 @@ from schemas.heads import ChainHead
 log = logging.getLogger(__name__)
 
 
-async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+async def open_bucket(js: JetStreamContext, bucket: str, *, replicas: int = 1) -> KeyValue:
     """Bind the bucket, creating it (file storage, one revision per key, direct gets) when
     missing, and turning direct gets on for one created without them: a per-cell auditor
     reads its cell's heads with direct gets, which need no consumer and so no rights to
@@ -44,7 +46,13 @@ async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
     try:
         if kv is None:
             return await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, direct=True)
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    storage=StorageType.FILE,
+                    direct=True,
+                    replicas=replicas,
+                )
             )
         info = await js.stream_info(f"KV_{bucket}")
         if not info.config.allow_direct:
@@ -55,9 +63,44 @@ async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
         raise BrokerError(f"cannot set up key-value bucket {bucket}: {exc!r}") from exc
 
 
+_head_decoder = msgspec.json.Decoder(ChainHead)
+
+
+async def latest_head(
+    js: JetStreamContext, bucket: str, cell_id: str, run_id: str
+) -> ChainHead | None:
+    """The most recently recorded head among the chains of a registration (the chain a new
+    one replaces when this producer lost its state), or None."""
+    try:
+        kv = await js.key_value(bucket)
+        watcher = await kv.watch(f"{cell_id}.{run_id}.*", ignore_deletes=True)
+    except nats.js.errors.BucketNotFoundError:
+        return None
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot read key-value bucket {bucket}: {exc!r}") from exc
+    newest: tuple[int, ChainHead] | None = None
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+            if entry is None:
+                break
+            if entry.value and (newest is None or entry.revision > newest[0]):
+                newest = (entry.revision or 0, _head_decoder.decode(entry.value))
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BrokerError(f"cannot read key-value bucket {bucket}: {exc!r}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    return newest[1] if newest is not None else None
+
+
+Reopen = Callable[[], Awaitable[KeyValue]]
+
+
 class HeadRecorder:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, *, reopen: Reopen | None = None) -> None:
         self._kv = kv
+        self._reopen = reopen
         self._pending: dict[str, ChainHead] = {}
         self._written: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -91,10 +134,14 @@ class HeadRecorder:
                 try:
                     await self._kv.put(key, msgspec.json.encode(head))
                 except (nats.errors.Error, TimeoutError) as exc:
-                    # Keep it pending; the next note (or this retry) writes it.
+                    # Keep it pending; the next note (or this retry) writes it. The bucket
+                    # may be gone with a wiped broker: bind (or create) it again.
                     self.failures += 1
                     event(log, logging.WARNING, "chain_head_write_failed", key=key, error=repr(exc))
                     await asyncio.sleep(1.0)
+                    if self._reopen is not None:
+                        with contextlib.suppress(BrokerError):
+                            self._kv = await self._reopen()
                     continue
                 if self._pending.get(key) is head:
                     del self._pending[key]

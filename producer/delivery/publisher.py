@@ -10,9 +10,14 @@ lost connection puts it back for another attempt, paced by a tenacity wait strat
 the same ``Nats-Msg-Id`` lets the stream's duplicate window absorb whatever was already
 stored.
 
-The publisher owns no storage. Whoever hands it messages (the in-memory queue today, the
-durable spool next) learns of each settled message through ``on_acked`` and is the one who
-may forget it; that is the seam the write-ahead spool plugs into.
+The publisher owns no storage: the write-ahead spool hands it durable events and learns of
+each settled one through ``on_acked``; only then does the spool forget it. Its window is
+bounded (``max_pending``); when full, the spool keeps events on disk and feeds them later.
+
+A retry whose first attempt is older than half the stream's duplicate window may already
+be stored where JetStream would no longer recognise its ``Nats-Msg-Id``; such messages are
+held back and handed to ``stored_check`` (which asks the stream) before any is sent again,
+so nothing is stored twice however long an outage lasts.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +40,6 @@ from nats.aio.msg import Msg
 
 from producer.aio import cancel_and_wait, wait_set
 from producer.errors import BrokerError
-from schemas.heads import ChainHead
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,10 @@ class OutMsg:
     attempts: int = 0
     sent_at: float = 0.0
     not_before: float = 0.0
-    head: ChainHead | None = None
-    """Set on chain events: once acked, the chain's recorded head (SPEC 5.3)."""
+    first_attempt: float = 0.0
+    """Wall-clock time of the first send (0: never sent by this process)."""
+    ref: Any = None
+    """The caller's handle on the message (the spooled event), returned in ``on_acked``."""
 
 
 @dataclass(slots=True)
@@ -84,7 +90,12 @@ class _AckBody(msgspec.Struct):
 
 _ack_decoder = msgspec.json.Decoder(_AckBody)
 
+NO_RESPONDERS = "503"
+"""The status of a publish no stream answered: JetStream has no stream for the subject."""
+
 AckCallback = Callable[[OutMsg, PubAck], None]
+StoredCheck = Callable[[list[OutMsg]], Awaitable[set[str]]]
+"""Asks the stream which of these messages it already holds; returns their msg ids."""
 
 
 def default_retry_wait() -> tenacity.wait.wait_base:
@@ -106,6 +117,8 @@ class PublisherOptions:
     connect_wait: tenacity.wait.wait_base = field(default_factory=default_retry_wait)
     connect_attempts: int | None = None
     """None: retry the first connection until ``close()``; a number: give up after it."""
+    duplicate_window_s: float = 600.0
+    """The stream's duplicate window: retries older than half of it are checked first."""
 
 
 async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
@@ -175,12 +188,20 @@ class Publisher:
         opts: PublisherOptions,
         *,
         on_acked: AckCallback | None = None,
+        stored_check: StoredCheck | None = None,
+        on_no_stream: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.opts = opts
         self.stats = PublisherStats()
         self._on_acked = on_acked
+        self._stored_check = stored_check
+        self._on_no_stream = on_no_stream
         self._clock = clock
+        self._wall = wall
+        self._held: list[OutMsg] = []
+        self._check_wake = asyncio.Event()
         # Only its wait strategy is used: tenacity paces resends, the queue does the rest.
         self._retrying = tenacity.Retrying(wait=opts.retry_wait)
         self._nc: NatsClient | None = None
@@ -198,6 +219,7 @@ class Publisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._last_reject_log = -1e9
+        self._errors_while_down = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -207,15 +229,19 @@ class Publisher:
             raise BrokerError("publisher is not started")
         return self._nc
 
+    def callbacks(self) -> dict[str, Any]:
+        """The nats-py connection callbacks this publisher needs, for :func:`connect_nats`."""
+        return {
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "error_cb": self._on_error,
+        }
+
     async def start(self, nc: NatsClient | None = None) -> None:
-        """Connect (or adopt ``nc``), subscribe to the ack inbox, start the send loop."""
+        """Connect (or adopt ``nc``, connected with :meth:`callbacks`), subscribe to the ack
+        inbox, start the send loop."""
         if nc is None:
-            nc = await connect_nats(
-                self.opts,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                error_cb=self._on_error,
-            )
+            nc = await connect_nats(self.opts, **self.callbacks())
         self._nc = nc
         self._inbox = nc.new_inbox()
         await nc.subscribe(
@@ -228,6 +254,7 @@ class Publisher:
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="publisher-send"),
             asyncio.create_task(self._timeout_loop(), name="publisher-timeouts"),
+            asyncio.create_task(self._check_loop(), name="publisher-stored-check"),
         ]
 
     async def drain(self, grace_s: float | None = None) -> bool:
@@ -251,7 +278,7 @@ class Publisher:
     @property
     def backlog(self) -> int:
         """Messages accepted but not yet acked (queued, in flight or waiting to retry)."""
-        return len(self._pending) + len(self._retry) + len(self._inflight)
+        return len(self._pending) + len(self._retry) + len(self._inflight) + len(self._held)
 
     def has_space(self) -> bool:
         """Room for one more message: everything not yet acked counts against the bound, so
@@ -284,11 +311,67 @@ class Publisher:
     # -- send side -------------------------------------------------------------------------
 
     def _take(self, now: float) -> OutMsg | None:
-        if self._retry and self._retry[0].not_before <= now:
-            return self._retry.popleft()
+        retry = self._retry
+        while retry and retry[0].not_before <= now:
+            msg = retry.popleft()
+            if not self._needs_check(msg):
+                return msg
+            self._hold(msg)
         if self._pending:
             return self._pending.popleft()
         return None
+
+    def _needs_check(self, msg: OutMsg) -> bool:
+        """A resend JetStream might no longer deduplicate: its first attempt is older than
+        half the duplicate window (the other half is margin for clock skew and delay)."""
+        return (
+            self._stored_check is not None
+            and msg.first_attempt > 0
+            and self._wall() - msg.first_attempt > self.opts.duplicate_window_s / 2
+        )
+
+    def _hold(self, msg: OutMsg) -> None:
+        self._held.append(msg)
+        self._check_wake.set()
+
+    async def _check_loop(self) -> None:
+        """Settle held messages the stream already has; send the others again."""
+        while not self._closed:
+            await self._check_wake.wait()
+            self._check_wake.clear()
+            await self._connected.wait()
+            # Take every retry that would be held anyway: one question to the stream.
+            for msg in [m for m in self._retry if self._needs_check(m)]:
+                self._retry.remove(msg)
+                self._held.append(msg)
+            batch, self._held = self._held, []
+            if not batch:
+                continue
+            assert self._stored_check is not None
+            try:
+                stored = await self._stored_check(batch)
+            except Exception as exc:  # the stream may be unreachable again: try later
+                self.stats.last_error = repr(exc)
+                log.warning("stored_check_failed", extra={"fields": {"error": repr(exc)}})
+                self._held = batch + self._held
+                await asyncio.sleep(1.0)
+                self._check_wake.set()
+                continue
+            now = self._wall()
+            resend = []
+            for msg in batch:
+                if msg.msg_id in stored:
+                    self._settle(msg, PubAck(self.opts.stream, 0, duplicate=True))
+                else:
+                    msg.first_attempt = now  # not stored as of now: a fresh window starts
+                    msg.not_before = 0.0
+                    resend.append(msg)
+            self._retry.extendleft(reversed(resend))
+            log.info(
+                "stored_check",
+                extra={"fields": {"checked": len(batch), "already_stored": len(stored)}},
+            )
+            self._after_settle()
 
     async def _send_loop(self) -> None:
         nc = self.nc
@@ -310,6 +393,8 @@ class Publisher:
             self._next_token += 1
             msg.attempts += 1
             msg.sent_at = now
+            if not msg.first_attempt:
+                msg.first_attempt = self._wall()
             inflight[token] = msg
             try:
                 await nc.publish(
@@ -340,6 +425,9 @@ class Publisher:
                 body = _ack_decoder.decode(reply.data)
         if body is None or body.error is not None or not body.stream:
             self.stats.error_replies += 1
+            if status == NO_RESPONDERS and self._on_no_stream is not None:
+                # No stream captures the subject: it may have vanished with a wiped broker.
+                self._on_no_stream()
             reason = status or (body.error if body is not None else reply.data[:200])
             self.stats.last_error = str(reason)
             now = self._clock()
@@ -358,13 +446,15 @@ class Publisher:
                 )
             self._schedule_retry(msg)
             return
-        ack = PubAck(body.stream, body.seq, body.duplicate)
+        self._settle(msg, PubAck(body.stream, body.seq, body.duplicate))
+        self._after_settle()
+
+    def _settle(self, msg: OutMsg, ack: PubAck) -> None:
         self.stats.acked += 1
         if ack.duplicate:
             self.stats.duplicates += 1
         if self._on_acked is not None:
             self._on_acked(msg, ack)
-        self._after_settle()
 
     def _after_settle(self) -> None:
         backlog = self.backlog
@@ -397,12 +487,20 @@ class Publisher:
 
     # -- connection events -----------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
     async def _on_disconnected(self) -> None:
         if self._closed:
             return
         self.stats.disconnects += 1
         self._connected.clear()
-        log.warning("nats_disconnected", extra={"fields": {"inflight": len(self._inflight)}})
+        self._errors_while_down = 0
+        log.warning(
+            "nats_disconnected",
+            extra={"fields": {"inflight": len(self._inflight), "backlog": self.backlog}},
+        )
 
     async def _on_reconnected(self) -> None:
         # Replies to what was in flight may be lost with the old connection: send it again
@@ -415,8 +513,22 @@ class Publisher:
             msg.not_before = 0.0
         self._connected.set()
         self._wake.set()
-        log.info("nats_reconnected", extra={"fields": {"resent": len(stranded)}})
+        self._check_wake.set()
+        log.info(
+            "nats_reconnected",
+            extra={
+                "fields": {
+                    "resent": len(stranded),
+                    "failed_reconnect_attempts": self._errors_while_down,
+                }
+            },
+        )
 
     async def _on_error(self, exc: Exception) -> None:
+        """While disconnected every failed reconnect attempt lands here: count those and
+        say nothing (the disconnect and the reconnect are each logged once)."""
         self.stats.last_error = repr(exc)
+        if not self._connected.is_set() and self._nc is not None:
+            self._errors_while_down += 1
+            return
         log.warning("nats_error", extra={"fields": {"error": repr(exc)}})

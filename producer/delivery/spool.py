@@ -52,6 +52,7 @@ import msgspec
 
 from audit.digest import digest_of
 from audit.keys import put_file
+from producer.aio import wait_set
 from producer.chain.sealer import Sealed
 from producer.delivery import records as rec
 from producer.errors import SpoolError
@@ -223,6 +224,8 @@ class Spool:
         self.losses: dict[int, Loss] = {}
         self.orphans = 0
         """Recovered events whose chain's ``OPEN`` record was lost with damaged data."""
+        self._seen: dict[int, list[list[int]]] = {}
+        """Recovery only: per chain, the runs of sequences found in the log."""
         self._wall = wall
         self._segments: dict[int, _Segment] = {}
         self._active: _Segment | None = None
@@ -254,6 +257,9 @@ class Spool:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._space = asyncio.Event()
         self._space.set()
+        self._unacked = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._deletable: set[int] = set()
         self._maintain_handle: asyncio.Handle | None = None
         self._closed = False
@@ -279,9 +285,13 @@ class Spool:
             self._recover_segment(index)
         for seg in self._segments.values():
             seg.unacked = self._unacked_in(seg)
+            self._unacked += seg.unacked
             if not seg.unacked:
                 seg.first_at = 0.0
                 self._deletable.add(seg.index)
+        if self._unacked:
+            self._empty.clear()
+        self._find_holes()
         self.snapshot.generation += 1
         self._open_segment()
         self.write_snapshot(clean=False)
@@ -354,23 +364,43 @@ class Spool:
             self.orphans += 1
             return None
         _extend(seg.ranges, ev.chain, ev.sequence)
+        _extend_runs(self._seen.setdefault(ev.chain, []), ev.sequence)
         if not seg.first_at:
             seg.first_at = _epoch(_meta_decoder.decode(ev.payload).time) or self._wall()
         if ev.sequence > chain.sequence:
-            if ev.sequence > chain.sequence + 1:
-                self._lost_sequences(chain, chain.sequence + 1, ev.sequence - 1)
             at = _meta_decoder.decode(ev.payload).time
             _advance(chain, ev.sequence, digest_of(ev.payload), item.flags, at)
         return ev.chain
 
-    def _lost_sequences(self, chain: ChainState, first: int, last: int) -> None:
-        if last <= chain.acked_seq:
-            return  # JetStream already has them; nothing is lost
-        first = max(first, chain.acked_seq + 1)
-        self._add_loss(
-            chain.idx,
-            Loss(last - first + 1, chain.last_event_at, None, first, last),
-        )
+    def _find_holes(self) -> None:
+        """Every event of a chain not yet acknowledged must be in the log: those that are
+        not were lost with damaged data, and their sequences are declared lost (the chain
+        itself goes on from its recorded head, so no sequence is ever sealed twice)."""
+        for idx, chain in self.chains.items():
+            expected_from = chain.acked_seq + 1
+            if expected_from > chain.sequence:
+                continue
+            cursor = expected_from
+            for lo, hi in self._seen.get(idx, []):
+                if hi < cursor:
+                    continue
+                if lo > cursor:
+                    self._add_loss(
+                        idx, Loss(lo - cursor, chain.last_event_at, None, cursor, lo - 1)
+                    )
+                cursor = hi + 1
+            if cursor <= chain.sequence:
+                self._add_loss(
+                    idx,
+                    Loss(
+                        chain.sequence - cursor + 1,
+                        chain.last_event_at,
+                        None,
+                        cursor,
+                        chain.sequence,
+                    ),
+                )
+        self._seen.clear()
 
     def _add_loss(self, idx: int, loss: Loss) -> None:
         known = self.losses.get(idx)
@@ -487,6 +517,12 @@ class Spool:
     async def wait_for_space(self) -> None:
         await self._space.wait()
 
+    def can_overflow(self) -> bool:
+        """Whether the disk would still take events beyond ``max_bytes`` (what was already
+        read when a stop comes; the bound is soft, the free-space floor and write errors
+        are not)."""
+        return self._write_error is None and not self._disk_low
+
     def append_event(
         self, chain: ChainState, sealed: Sealed, flags: int, subject: str, at: str
     ) -> None:
@@ -503,6 +539,8 @@ class Spool:
         assert seg is not None
         _extend(seg.ranges, chain.idx, sequence)
         seg.unacked += 1
+        self._unacked += 1
+        self._empty.clear()
         if not seg.first_at:
             seg.first_at = self._wall()
         payload = sealed.payload
@@ -752,6 +790,9 @@ class Spool:
         seg = self._segments.get(segment)
         if seg is not None and seg.unacked > 0:
             seg.unacked -= 1
+            self._unacked -= 1
+            if not self._unacked:
+                self._empty.set()
             if not seg.unacked:
                 seg.first_at = 0.0
                 if seg is not self._active:
@@ -914,11 +955,19 @@ class Spool:
 
     def depth(self) -> int:
         """Events spooled and not yet acknowledged."""
-        return sum(s.unacked for s in self._segments.values())
+        return self._unacked
+
+    async def wait_empty(self, timeout_s: float | None) -> bool:
+        """Wait until every spooled event is acknowledged; False if ``timeout_s`` ran out."""
+        return await wait_set(self._empty, timeout_s)
+
+    def oldest_unacked_at(self) -> float:
+        """Wall time the oldest unacknowledged event was spooled (now, if none is)."""
+        firsts = [s.first_at for s in self._segments.values() if s.unacked and s.first_at]
+        return min(firsts) if firsts else self._wall()
 
     def oldest_age_s(self) -> float:
-        firsts = [s.first_at for s in self._segments.values() if s.unacked and s.first_at]
-        return max(0.0, self._wall() - min(firsts)) if firsts else 0.0
+        return max(0.0, self._wall() - self.oldest_unacked_at())
 
     def backlog_by_cell(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -993,6 +1042,13 @@ def _extend(ranges: dict[int, list[int]], idx: int, sequence: int) -> None:
         span[1] = sequence
     elif sequence < span[0]:
         span[0] = sequence
+
+
+def _extend_runs(runs: list[list[int]], sequence: int) -> None:
+    if runs and runs[-1][1] + 1 == sequence:
+        runs[-1][1] = sequence
+    elif not runs or sequence > runs[-1][1]:
+        runs.append([sequence, sequence])
 
 
 def _epoch(rfc3339: str) -> float:

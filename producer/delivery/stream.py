@@ -113,6 +113,7 @@ def stream_config(
     name: str = DEFAULT_STREAM_NAME,
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX,
     duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S,
+    replicas: int = 1,
 ) -> StreamConfig:
     """The stream the producer creates, and the one ``deploy/stream.json`` describes.
 
@@ -138,7 +139,7 @@ def stream_config(
         max_msg_size=-1,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
-        num_replicas=1,
+        num_replicas=replicas,
         duplicate_window=duplicate_window_s,
         deny_delete=True,
         deny_purge=True,
@@ -273,6 +274,7 @@ async def ensure_stream(
     subject_prefix: str,
     duplicate_window_s: float,
     create: bool,
+    replicas: int = 1,
 ) -> StreamCheck:
     """Make sure the stream exists and can keep the delivery promise, or say why not.
 
@@ -283,7 +285,10 @@ async def ensure_stream(
     Warnings are logged here once and also returned for status reporting.
     """
     wanted = stream_config(
-        name=name, subject_prefix=subject_prefix, duplicate_window_s=duplicate_window_s
+        name=name,
+        subject_prefix=subject_prefix,
+        duplicate_window_s=duplicate_window_s,
+        replicas=replicas,
     )
     info = await _stream_info(js, name)
     created = False

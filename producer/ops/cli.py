@@ -13,7 +13,13 @@ from collections.abc import Sequence
 
 from audit.errors import AuditError, TrustFileError
 from producer import __version__
-from producer.errors import ConfigError, KeyFileError, ProducerError
+from producer.errors import (
+    ConfigError,
+    KeyFileError,
+    ProducerError,
+    RegistrationError,
+    SpoolError,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run the daemon (SIGTERM/SIGINT: seal chains, drain, exit 0)",
+        help="run the daemon (SIGTERM/SIGINT: stop reading, spool, drain, exit 0)",
         description="Run the producer daemon with the cells of the config file.",
     )
     run.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see README)")
@@ -101,6 +107,22 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=int, default=None, help="frames to send (default: forever)")
     sim.add_argument("--seed", type=int, default=None)
 
+    spool = sub.add_parser(
+        "spool",
+        help="inspect the write-ahead spool: stats, or check its integrity",
+        description=(
+            "Read the spool under a data dir without changing it (safe while the daemon "
+            "runs). 'stats': events waiting, bytes, oldest age, backlog per cell, each "
+            "chain's state. 'check': the same, and exit 1 if any byte is damaged or any "
+            "chain is inconsistent."
+        ),
+    )
+    spool.add_argument("action", choices=["stats", "check"])
+    where = spool.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
+    where.add_argument("--config", "-c", metavar="FILE", help="read data_dir from this config")
+    spool.add_argument("--json", action="store_true", help="print the report as JSON")
+
     verify = sub.add_parser(
         "verify",
         help="read chains back from JetStream and verify them (exit 1 on failure)",
@@ -123,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = COMMANDS[args.command](args)
-    except (ConfigError, KeyFileError, TrustFileError) as exc:
+    except (ConfigError, KeyFileError, TrustFileError, RegistrationError, SpoolError) as exc:
         print(f"cellos-producer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ProducerError, AuditError) as exc:
@@ -149,9 +171,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     setup_logging(config.log.level, config.log.format)
     producer = Producer(config)
-    drained = asyncio.run(producer.serve())
-    # Events not acknowledged within the grace period are lost with this process: say so.
-    return EXIT_OK if drained else EXIT_FAILED
+    asyncio.run(producer.serve())
+    # Events not yet acknowledged stay in the spool for the next start: a stop loses
+    # nothing. Only a failure the producer stopped on by itself is an error.
+    if producer.fatal is not None:
+        print(f"cellos-producer: {producer.fatal}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -221,8 +247,49 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_spool(args: argparse.Namespace) -> int:
+    import os
+
+    import msgspec
+
+    from producer.delivery.inspect import inspect_spool
+    from producer.ops.config import load_config
+
+    data_dir = args.data_dir or load_config(args.config).data_dir
+    report = inspect_spool(os.path.join(data_dir, "spool"))
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(
+            f"spool {report.directory}: state {report.state}, last stop "
+            f"{'clean' if report.clean_stop else 'not clean'}"
+            f"{f' at {report.stopped_at}' if report.stopped_at else ''}"
+        )
+        print(
+            f"  {report.unacked} event(s) waiting, {report.bytes} bytes in "
+            f"{len(report.segments)} segment(s), oldest waiting since "
+            f"{report.oldest_unacked_at or '-'}"
+        )
+        for cell, behind in sorted(report.backlog_by_cell.items()):
+            print(f"  backlog cell={cell} events={behind}")
+        for c in report.chains:
+            state = "sealed" if c.sealed else "open"
+            print(
+                f"  chain {c.chain_id} cell={c.cell_id} run={c.run_id} seq={c.sequence} "
+                f"acked={c.acked} {state} last={c.last_event_at or '-'} ({c.source})"
+            )
+        for name in report.quarantined:
+            print(f"  quarantined: {name}")
+        for problem in report.problems:
+            print(f"  PROBLEM: {problem}")
+    if args.action == "check" and report.problems:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": _cmd_run,
+    "spool": _cmd_spool,
     "demo": _cmd_demo,
     "keygen": _cmd_keygen,
     "pubkey": _cmd_pubkey,

@@ -45,6 +45,7 @@ __all__ = [
     "QueueConfig",
     "SigningConfig",
     "SilenceConfig",
+    "SpoolConfig",
     "cell_problem",
     "config_reference",
     "load_config",
@@ -75,6 +76,8 @@ _SUN_PATH_MAX: Final = 107
 _VSOCK_ANY: Final = 0xFFFFFFFF
 _FIRST_GUEST_CID: Final = 3
 _MODE_MAX: Final = 0o777
+_MIN_SEGMENT: Final = 64 * 1024
+_MAX_REPLICAS: Final = 5
 _OTHER_WRITE: Final = 0o002
 
 
@@ -103,8 +106,20 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         ),
     ] = "cellos.telemetry"
     create_stream: Annotated[
-        bool, _doc("Create the stream if it is missing (otherwise a missing stream is fatal).")
+        bool,
+        _doc(
+            "Create the stream if it is missing, at startup and whenever it disappears (a "
+            "broker whose store was wiped); otherwise a missing stream is fatal at startup and "
+            "publishing waits for an operator to create it."
+        ),
     ] = True
+    stream_replicas: Annotated[
+        int,
+        _doc(
+            "Replicas of the stream (and of the heads bucket) when the producer creates them; "
+            "3 on a three-node cluster. An existing stream is used as it is."
+        ),
+    ] = 1
     heads_bucket: Annotated[
         str,
         _doc(
@@ -229,16 +244,57 @@ class ProbesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 
 class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Back-pressure between readers and the spool (SPEC 7)."""
+    """The in-memory publish window between the spool and the broker (SPEC 7)."""
 
-    max_events: Annotated[int, _doc("Capacity of the in-memory event queue.")] = 65536
-    spool_full_policy: Annotated[
+    max_events: Annotated[
+        int,
+        _doc(
+            "Events held in memory on their way to JetStream (queued, in flight or waiting "
+            "to retry). Beyond it the spool keeps them on disk and feeds them back later."
+        ),
+    ] = 65536
+
+
+class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The write-ahead spool under `data_dir` (SPEC 7): every event is on disk before it is
+    published and leaves after its PubAck."""
+
+    fsync: Annotated[
+        Literal["always", "interval", "never"],
+        _doc(
+            "When spooled events are forced to disk before they may be published: after "
+            "every write, every `fsync_interval_ms`, or `never` (the kernel decides; a power "
+            "loss may then lose events; for tests)."
+        ),
+    ] = "interval"
+    fsync_interval_ms: Annotated[
+        int, _doc('Group-commit interval for `fsync = "interval"`, ms.')
+    ] = 5
+    max_bytes: Annotated[
+        int, _doc("Most bytes the spool may hold; when reached, `full_policy` applies.")
+    ] = 1 << 30
+    min_free_bytes: Annotated[
+        int,
+        _doc("Free space to leave on the spool's filesystem; below it the spool counts as full."),
+    ] = 256 << 20
+    segment_bytes: Annotated[
+        int, _doc("Size at which a spool segment file is closed and a new one started.")
+    ] = 64 << 20
+    full_policy: Annotated[
         Literal["block", "drop_newest"],
         _doc(
-            "When the event queue is full: `block` readers (the guest agent drops and counts), or "
-            "`drop_newest` and record a `gap` event."
+            "When the spool is full: `block` stops reading guest sockets (the guest agent "
+            "drops and counts) and probes skip their tick; `drop_newest` drops new frames "
+            "and declares them in a `gap` event."
         ),
     ] = "block"
+    stop_grace_s: Annotated[
+        float,
+        _doc(
+            "On SIGTERM, how long to wait for PubAcks before exiting; what is still "
+            "unacknowledged stays in the spool for the next start."
+        ),
+    ] = 10.0
 
 
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -305,7 +361,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         ),
     ] = msgspec.field(default_factory=socket.gethostname)
     data_dir: Annotated[
-        str, _doc("Absolute path for local state: the embedded broker's store (`nats/`).")
+        str,
+        _doc(
+            "Absolute path for local state: the write-ahead spool (`spool/`) and the "
+            "embedded broker's store (`nats/`)."
+        ),
     ] = "/var/lib/cellos-producer"
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
@@ -314,6 +374,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     silence: SilenceConfig = msgspec.field(default_factory=SilenceConfig)
     probes: ProbesConfig = msgspec.field(default_factory=ProbesConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cells: Annotated[
         tuple[CellSpec, ...],
@@ -568,6 +629,7 @@ def _check(config: Config) -> None:
     _positive(config.silence.window_ms, "silence.window_ms")
     _positive(config.probes.tick_s, "probes.tick_s")
     _positive(config.queue.max_events, "queue.max_events")
+    _check_spool(config.spool)
     _check_cells(config.cells, config.listener.port)
 
 
@@ -594,6 +656,10 @@ def _check_nats(nats: NatsConfig) -> None:
     _positive(nats.connect_timeout_s, "nats.connect_timeout_s")
     _positive(nats.ack_timeout_s, "nats.ack_timeout_s")
     _positive(nats.max_inflight, "nats.max_inflight")
+    if not 1 <= nats.stream_replicas <= _MAX_REPLICAS:
+        raise ConfigError(
+            "nats.stream_replicas", f"{nats.stream_replicas} must be 1 to {_MAX_REPLICAS}"
+        )
     if nats.credentials is not None:
         _need_path(nats.credentials, "nats.credentials")
 
@@ -639,6 +705,24 @@ def _check_listener(listener: ListenerConfig) -> None:
         if not 1 <= port < _VSOCK_ANY:
             raise ConfigError(key, f"{port} is not a vsock port (1 to 4294967294)")
     _positive(listener.max_connections_per_cell, "listener.max_connections_per_cell")
+
+
+def _check_spool(spool: SpoolConfig) -> None:
+    _positive(spool.fsync_interval_ms, "spool.fsync_interval_ms")
+    _positive(spool.max_bytes, "spool.max_bytes")
+    _non_negative(spool.min_free_bytes, "spool.min_free_bytes")
+    _positive(spool.stop_grace_s, "spool.stop_grace_s")
+    if spool.segment_bytes < _MIN_SEGMENT:
+        raise ConfigError(
+            "spool.segment_bytes", f"{spool.segment_bytes} is below the minimum of {_MIN_SEGMENT}"
+        )
+    if spool.max_bytes < 2 * spool.segment_bytes:
+        # Space comes back a whole acknowledged segment at a time, never from the one
+        # being written: a spool smaller than two segments could fill up for good.
+        raise ConfigError(
+            "spool.max_bytes",
+            f"{spool.max_bytes} must be at least twice spool.segment_bytes ({spool.segment_bytes})",
+        )
 
 
 def _check_cells(cells: tuple[CellSpec, ...], port: int) -> None:

@@ -1,10 +1,15 @@
-"""The producer process: startup, serve, graceful shutdown.
+"""The producer process: startup, serve, graceful shutdown (SPEC 7).
 
-Startup order matters for the delivery promise: the broker connection and the stream check
-come first (a stream that cannot hold the promise stops us before any cell is opened), then
-cells are registered, each binding its socket before its VM may boot. Shutdown runs the
-other way round and is idempotent: stop reading, seal every chain, wait (up to a grace
-period) for the PubAcks, disconnect, stop the embedded broker.
+Startup never waits for the broker: the configuration is validated, the spool recovered
+and every cell's socket bound first (a start that cannot do all of that fails with nothing
+published and nothing spooled), then chains are opened or continued into the spool, and
+only then, in the background, the broker is connected, the stream checked and the spool's
+backlog published. Guests can talk from the first second whether NATS is up or not.
+
+Shutdown suspends rather than ends: every cell stops reading and spools what it read, the
+producer waits (up to ``spool.stop_grace_s``) for PubAcks, records every chain's state, and
+exits 0; whatever is unacknowledged stays in the spool and the next start publishes it and
+continues each chain with ``resumed``. Shutdown is idempotent and bounded.
 """
 
 from __future__ import annotations
@@ -15,19 +20,35 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
+import msgspec
+from nats.js import JetStreamContext
+
+from audit.digest import digest_of, format_sequence
+from audit.message import STRUCTURED_CONTENT_TYPE, binary_headers, binary_payload
 from producer.aio import cancel_and_wait
 from producer.chain.signing import Signer
 from producer.chain.signpolicy import SignBudget, SigningPolicy
-from producer.delivery.heads import HeadRecorder, open_bucket
-from producer.delivery.publisher import OutMsg, PubAck, Publisher, PublisherOptions
-from producer.delivery.stream import ensure_stream
-from producer.errors import BrokerError
+from producer.delivery import records as rec
+from producer.delivery.dedup import stored_ids
+from producer.delivery.heads import HeadRecorder, latest_head, open_bucket
+from producer.delivery.publisher import (
+    OutMsg,
+    PubAck,
+    Publisher,
+    PublisherOptions,
+    connect_nats,
+)
+from producer.delivery.spool import Spool, SpooledEvent, SpoolOptions
+from producer.delivery.stream import StreamCheck, ensure_stream
+from producer.errors import BrokerError, ProducerError
 from producer.guest.listener import VsockRouter
-from producer.ops.config import Config
+from producer.ops.config import CellSpec, Config
 from producer.ops.embedded import EmbeddedNats
 from producer.ops.logs import event
 from producer.ops.registry import Registry
+from schemas.heads import ChainHead
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +80,69 @@ def make_policy(config: Config, signer: Signer) -> SigningPolicy:
     )
 
 
+STREAM_RECHECK_S = 5.0
+"""Publishes answered "no stream" re-check the stream at most this often."""
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = ""
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+
+
 class Producer:
     def __init__(self, config: Config, *, signer: Signer | None = None) -> None:
         self.config = config
         self.signer = signer
+        self.spool: Spool | None = None
         self.embedded: EmbeddedNats | None = None
         self.publisher: Publisher | None = None
         self.registry: Registry | None = None
         self.vsock: VsockRouter | None = None
         self.heads: HeadRecorder | None = None
         self.nats_url = config.nats.url or ""
+        self.fatal: BaseException | None = None
+        """What stopped the producer on its own (an unfit stream, say), if anything."""
+        self._js: JetStreamContext | None = None
+        self._broker_task: asyncio.Task[None] | None = None
+        self._broker_ready = asyncio.Event()
+        self._stream_checked_at = -STREAM_RECHECK_S
         self._stop = asyncio.Event()
+        self._started = False
         self._shutdown_done = False
+
+    # -- startup ----------------------------------------------------------------------------
 
     async def startup(self) -> None:
         cfg = self.config
         if self.signer is None:
             self.signer = Signer.load(cfg.signing.key_file, kid=cfg.signing.kid)
-        if cfg.nats.url is None:
-            store = os.path.join(cfg.data_dir, "nats")
-            os.makedirs(store, mode=0o700, exist_ok=True)
-            self.embedded = EmbeddedNats(store_dir=store)
-            await self.embedded.start()
-            self.nats_url = self.embedded.url
-            log.info("embedded_nats_started", extra={"fields": {"url": self.nats_url}})
+        spool = self.spool = Spool(
+            SpoolOptions(
+                directory=os.path.join(cfg.data_dir, "spool"),
+                fsync=cfg.spool.fsync,
+                fsync_interval_ms=cfg.spool.fsync_interval_ms,
+                max_bytes=cfg.spool.max_bytes,
+                min_free_bytes=cfg.spool.min_free_bytes,
+                segment_bytes=cfg.spool.segment_bytes,
+            )
+        )
+        spool.open()
+        if cfg.listener.vsock:
+            self.vsock = VsockRouter(cfg.listener.vsock_port)
+            await self.vsock.start()
+        registry = self.registry = Registry(
+            cfg,
+            signer=self.signer,
+            policy=make_policy(cfg, self.signer),
+            spool=spool,
+            vsock=self.vsock,
+            lookup=self._supersedes,
+            on_stats=self._log_publisher_stats,
+        )
+        specs, sources = self._registrations()
+        socks = registry.bind_all(specs)
         self.publisher = Publisher(
             PublisherOptions(
                 url=self.nats_url,
@@ -93,53 +153,263 @@ class Producer:
                 connect_timeout_s=cfg.nats.connect_timeout_s,
                 credentials=cfg.nats.credentials,
                 name=f"cellos-producer@{cfg.host_id}",
+                duplicate_window_s=cfg.nats.duplicate_window_s,
             ),
             on_acked=self._on_acked,
+            stored_check=self._stored_check,
+            on_no_stream=self._on_no_stream,
         )
-        await self.publisher.start()
-        check = await ensure_stream(
-            self.publisher.nc.jetstream(),
-            name=cfg.nats.stream,
-            subject_prefix=cfg.nats.subject_prefix,
-            duplicate_window_s=cfg.nats.duplicate_window_s,
-            create=cfg.nats.create_stream,
+        self._broker_task = asyncio.get_running_loop().create_task(
+            self._run_broker(), name="broker"
         )
-        for warning in check.warnings:
-            event(log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning)
-        self.heads = HeadRecorder(
-            await open_bucket(self.publisher.nc.jetstream(), cfg.nats.heads_bucket)
-        )
-        self.heads.start()
-        if cfg.listener.vsock:
-            self.vsock = VsockRouter(cfg.listener.vsock_port)
-            await self.vsock.start()
-        self.registry = Registry(
-            cfg,
-            signer=self.signer,
-            policy=make_policy(cfg, self.signer),
-            publisher=self.publisher,
-            vsock=self.vsock,
-        )
-        for spec in cfg.cells:
-            await self.registry.register(spec)
-        self.registry.start_ticker()
-        log.info(
+        for spec, sock, source in zip(specs, socks, sources, strict=True):
+            await registry.start(spec, sock, source=source)
+        await registry.seal_unregistered()
+        registry.start_ticker()
+        self._started = True
+        event(
+            log,
+            logging.INFO,
             "producer_started",
-            extra={
-                "fields": {
-                    "host_id": cfg.host_id,
-                    "nats": self.nats_url,
-                    "stream": cfg.nats.stream,
-                    "cells": len(cfg.cells),
-                    "signing": cfg.signing.mode,
-                    "kid": self.signer.kid,
-                }
-            },
+            host_id=cfg.host_id,
+            cells=len(specs),
+            signing=cfg.signing.mode,
+            kid=self.signer.kid,
+            spool_depth=spool.depth(),
+            recovered=not spool.fresh,
+            clean_previous_stop=spool.recovered_clean,
         )
 
+    def _registrations(self) -> tuple[list[CellSpec], list[str]]:
+        """The configured cells, then cells registered through the API before a restart
+        whose chains the spool still holds open: both are served again."""
+        assert self.spool is not None
+        specs = list(self.config.cells)
+        sources = ["config"] * len(specs)
+        configured = {s.cell_id for s in specs}
+        for chain in self.spool.open_chains():
+            ident = chain.identity
+            if ident.source == "api" and ident.cell_id not in configured:
+                specs.append(msgspec.convert(ident.spec, CellSpec))
+                sources.append("api")
+                configured.add(ident.cell_id)
+        return specs, sources
+
+    async def _run_broker(self) -> None:
+        """Connect (retrying for as long as it takes), check the stream, then publish the
+        spool. A stream that cannot keep the delivery promise stops the producer."""
+        cfg = self.config
+        assert self.publisher is not None and self.spool is not None
+        try:
+            if cfg.nats.url is None:
+                store = os.path.join(cfg.data_dir, "nats")
+                os.makedirs(store, mode=0o700, exist_ok=True)
+                self.embedded = EmbeddedNats(store_dir=store)
+                await self.embedded.start()
+                self.nats_url = self.publisher.opts.url = self.embedded.url
+                event(log, logging.INFO, "embedded_nats_started", url=self.nats_url)
+            nc = await connect_nats(self.publisher.opts, **self.publisher.callbacks())
+            await self.publisher.start(nc)
+            js = self._js = nc.jetstream()
+            check = await ensure_stream(
+                js,
+                name=cfg.nats.stream,
+                subject_prefix=cfg.nats.subject_prefix,
+                duplicate_window_s=cfg.nats.duplicate_window_s,
+                create=cfg.nats.create_stream,
+            )
+            for warning in check.warnings:
+                event(
+                    log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning
+                )
+            self.heads = HeadRecorder(
+                await open_bucket(js, cfg.nats.heads_bucket),
+                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket),
+            )
+            self.heads.start()
+            self._broker_ready.set()
+            await self._settle_recovered(js)
+            self.spool.start_delivery(self._deliver, self.publisher.wait_for_space)
+            event(log, logging.INFO, "broker_ready", nats=self.nats_url, stream=cfg.nats.stream)
+        except asyncio.CancelledError:
+            raise
+        except ProducerError as exc:
+            self.fatal = exc
+            event(log, logging.ERROR, "broker_setup_failed", error=str(exc))
+            self.request_shutdown()
+
+    async def _ensure_stream(self, js: JetStreamContext) -> StreamCheck:
+        nats_cfg = self.config.nats
+        return await ensure_stream(
+            js,
+            name=nats_cfg.stream,
+            subject_prefix=nats_cfg.subject_prefix,
+            duplicate_window_s=nats_cfg.duplicate_window_s,
+            create=nats_cfg.create_stream,
+            replicas=nats_cfg.stream_replicas,
+        )
+
+    def _on_no_stream(self) -> None:
+        """Publishes find no stream: it was deleted, or the broker's store was wiped. Make
+        it again (if allowed) and let the retries go through; say loudly that the history
+        acknowledged before is gone with it (a verifier will show the hole)."""
+        now = time.monotonic()
+        if self._js is None or now - self._stream_checked_at < STREAM_RECHECK_S:
+            return
+        self._stream_checked_at = now
+        asyncio.get_running_loop().create_task(self._recreate_stream(self._js))
+
+    async def _recreate_stream(self, js: JetStreamContext) -> None:
+        try:
+            check = await self._ensure_stream(js)
+        except ProducerError as exc:
+            event(
+                log, logging.ERROR, "stream_missing", stream=self.config.nats.stream, error=str(exc)
+            )
+            return
+        if check.created:
+            event(
+                log,
+                logging.ERROR,
+                "stream_recreated",
+                stream=self.config.nats.stream,
+                note="the stream had vanished; events acknowledged before are no longer in it",
+            )
+
+    async def _settle_recovered(self, js: JetStreamContext) -> None:
+        """Before publishing what a previous run left in the spool, settle what the stream
+        already has (its PubAck may have been lost with the process, or outlived the
+        duplicate window)."""
+        assert self.spool is not None
+        spool = self.spool
+        pending = spool.unacked_events()
+        if not pending:
+            return
+        since = spool.oldest_unacked_at()
+        candidates = [
+            (chain.identity.cell_id, f"{chain.identity.chain_id}-{seq}", since)
+            for idx, (lo, hi) in pending.items()
+            for chain in (spool.chains[idx],)
+            for seq in range(lo, hi + 1)
+        ]
+        found = await stored_ids(
+            js,
+            stream=self.config.nats.stream,
+            subject_prefix=self.config.nats.subject_prefix,
+            candidates=candidates,
+        )
+        by_id = {c.identity.chain_id: c for c in spool.chains.values()}
+        for msg_id in found:
+            chain_id, _, seq = msg_id.rpartition("-")
+            spool.mark_stored(by_id[chain_id], int(seq))
+        event(
+            log,
+            logging.INFO,
+            "spool_recovered",
+            unacked=len(candidates),
+            already_stored=len(found),
+            to_publish=len(candidates) - len(found),
+        )
+
+    async def _supersedes(self, cell_id: str, run_id: str) -> dict[str, Any] | None:
+        """For a new chain when this producer's state was lost: the chain it replaces, from
+        the broker's recorded heads (waiting a bounded time for the broker)."""
+        wait = 2 * self.config.nats.connect_timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._broker_ready.wait(), wait)
+        if self._js is None:
+            event(log, logging.WARNING, "supersedes_unknown", cell_id=cell_id, reason="no broker")
+            return None
+        try:
+            head = await latest_head(self._js, self.config.nats.heads_bucket, cell_id, run_id)
+        except BrokerError as exc:
+            event(log, logging.WARNING, "supersedes_unknown", cell_id=cell_id, reason=str(exc))
+            return None
+        if head is None:
+            return None
+        return {
+            "chainId": head.chain_id,
+            "lastKnownSequence": format_sequence(head.sequence),
+            "lastKnownDigest": head.digest,
+            "reason": "state_lost",
+        }
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def _deliver(self, spooled: SpooledEvent) -> bool:
+        publisher = self.publisher
+        assert publisher is not None
+        if not publisher.has_space():
+            return False
+        msg_id = f"{spooled.chain.identity.chain_id}-{spooled.sequence}"
+        if self.config.nats.mode == "binary":
+            full = msgspec.json.decode(spooled.payload)
+            msg = OutMsg(spooled.subject, binary_payload(full), msg_id, binary_headers(full))
+        else:
+            headers = {"Nats-Msg-Id": msg_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
+            msg = OutMsg(spooled.subject, spooled.payload, msg_id, headers)
+        msg.ref = spooled
+        publisher.offer(msg, force=True)
+        return True
+
     def _on_acked(self, msg: OutMsg, _ack: PubAck) -> None:
-        if msg.head is not None and self.heads is not None:
-            self.heads.note(msg.head)
+        spooled: SpooledEvent = msg.ref
+        assert self.spool is not None
+        self.spool.acked(spooled)
+        if spooled.flags & rec.NOTE_HEAD and self.heads is not None:
+            ident = spooled.chain.identity
+            type_ = _type_decoder.decode(spooled.payload).type
+            self.heads.note(
+                ChainHead(
+                    cell_id=ident.cell_id,
+                    run_id=ident.run_id,
+                    chain_id=ident.chain_id,
+                    sequence=spooled.sequence,
+                    digest=digest_of(spooled.payload),
+                    event_id=msg.msg_id,
+                    type=type_,
+                    sealed=bool(spooled.flags & rec.SEALED),
+                )
+            )
+
+    async def _stored_check(self, msgs: list[OutMsg]) -> set[str]:
+        if self._js is None:
+            raise BrokerError("not connected")
+        return await stored_ids(
+            self._js,
+            stream=self.config.nats.stream,
+            subject_prefix=self.config.nats.subject_prefix,
+            candidates=[(m.ref.chain.identity.cell_id, m.msg_id, m.first_attempt) for m in msgs],
+        )
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every spooled event is acknowledged; False if ``timeout_s`` ran out."""
+        assert self.spool is not None
+        return await self.spool.wait_empty(timeout_s)
+
+    # -- key rotation -----------------------------------------------------------------------
+
+    def reload_key(self) -> None:
+        """SIGHUP: load the key file again; every chain continues under the new key."""
+        cfg = self.config
+        try:
+            signer = Signer.load(cfg.signing.key_file, kid=cfg.signing.kid)
+        except ProducerError as exc:
+            event(log, logging.ERROR, "signing_key_reload_failed", error=str(exc))
+            return
+        old = self.signer
+        self.signer = signer
+        if self.registry is not None:
+            self.registry.rekey(signer)
+        event(
+            log,
+            logging.INFO,
+            "signing_key_reloaded",
+            kid=signer.kid,
+            previous_kid=old.kid if old is not None else None,
+        )
+
+    # -- serve and shutdown -----------------------------------------------------------------
 
     def request_shutdown(self) -> None:
         self._stop.set()
@@ -147,15 +417,16 @@ class Producer:
     async def serve(self, *, install_signals: bool = True) -> bool:
         """Run until SIGTERM/SIGINT (or ``request_shutdown``), then shut down gracefully.
 
-        Returns whether every event was acknowledged before the grace period ran out.
+        Returns whether every spooled event was acknowledged before the grace period ran
+        out (what was not stays in the spool; nothing is lost either way).
         """
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_key)
         try:
-            # A signal during startup (e.g. while the broker is still unreachable) must stop
-            # us too, not wait for startup to finish first.
+            # A signal during startup must stop us too, not wait for startup to finish.
             starting = asyncio.create_task(self.startup())
             stopping = asyncio.create_task(self._stop.wait())
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -164,43 +435,69 @@ class Producer:
                 await stopping
             else:
                 await cancel_and_wait(starting)
-                log.info("startup_interrupted")
+                event(log, logging.INFO, "startup_interrupted")
         finally:
             if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             drained = await self.shutdown()
         return drained
 
-    async def shutdown(self, grace_s: float = 10.0) -> bool:
-        """Seal every chain and wait up to ``grace_s`` for their PubAcks. Idempotent.
+    async def shutdown(self, grace_s: float | None = None) -> bool:
+        """Suspend every chain and wait up to ``grace_s`` (default ``spool.stop_grace_s``)
+        for PubAcks, then record the chain states and stop. Idempotent.
 
-        Returns whether everything queued was acknowledged in time.
+        Returns whether every spooled event was acknowledged in time.
         """
         if self._shutdown_done:
             return True
         self._shutdown_done = True
-        drained = True
+        grace = self.config.spool.stop_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
+        deadline = loop.time() + grace
         if self.registry is not None:
             await self.registry.stop_ticker()
-            await self.registry.deregister_all("producer_shutdown", grace_s=grace_s / 2)
+            await self.registry.suspend_all(grace_s=grace / 2)
         if self.vsock is not None:
             await self.vsock.close()
-        if self.publisher is not None:
-            drained = await self.publisher.drain(max(0.0, deadline - loop.time()))
-            if not drained:
-                log.error(
-                    "shutdown_unacked_events",
-                    extra={"fields": {"backlog": self.publisher.backlog}},
-                )
+        drained = True
+        if self.spool is not None and not self.spool.closed:
+            if self._broker_ready.is_set():
+                drained = await self.drain(max(0.0, deadline - loop.time()))
+            else:
+                drained = self.spool.depth() == 0
             if self.heads is not None:
-                drained = await self.heads.flush(max(0.1, deadline - loop.time())) and drained
-                await self.heads.close()
+                await self.heads.flush(max(0.1, deadline - loop.time()))
+            kept = self.spool.depth()
+            await self.spool.close(clean=True)
+            if kept:
+                event(log, logging.WARNING, "shutdown_events_kept_in_spool", events=kept)
+        await cancel_and_wait(self._broker_task)
+        if self.heads is not None:
+            await self.heads.close()
+        if self.publisher is not None:
             await self.publisher.close()
         if self.embedded is not None:
             with contextlib.suppress(BrokerError):
                 await self.embedded.stop()
-        log.info("producer_stopped", extra={"fields": {"drained": drained}})
+        if self._started:
+            event(log, logging.INFO, "producer_stopped", drained=drained)
         return drained
+
+    def _log_publisher_stats(self) -> None:
+        if self.publisher is None:
+            return
+        st = self.publisher.stats
+        event(
+            log,
+            logging.INFO,
+            "publisher_stats",
+            connected=self.publisher.connected,
+            acked=st.acked,
+            duplicates=st.duplicates,
+            retries=st.retries,
+            timeouts=st.timeouts,
+            error_replies=st.error_replies,
+            reconnects=st.reconnects,
+            backlog=self.publisher.backlog,
+        )

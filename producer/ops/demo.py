@@ -183,7 +183,13 @@ async def run_demo(opts: DemoOptions) -> int:
         for task in guests:
             with contextlib.suppress(BaseException):
                 await task
-        drained = await producer.shutdown()
+        # The demo's cells end here: deregistering seals each chain (a plain stop would
+        # only suspend them for the next start).
+        if producer.registry is not None:
+            for cell_id in list(producer.registry.cells):
+                await producer.registry.deregister(cell_id)
+        drained = producer.spool is not None and await producer.drain(15)
+        await producer.shutdown()
     print("chains sealed; all events acknowledged" if drained else "WARNING: not all acked")
     for cell_id, reasons in rejected.items():
         if reasons:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import stat
 from collections import Counter
@@ -20,9 +21,11 @@ import rfc8785
 from cloudevents.core.formats.json import JSONFormat
 
 from audit.verify import verify_chain
+from producer.chain.signing import generate_key_file
 from producer.errors import RegistrationError
 from producer.guest.simulator import frames, run_guest
 from producer.guest.wire import encode_frame
+from producer.ops.daemon import Producer
 from producer.ops.embedded import EmbeddedNats
 from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from schemas.generate import HERE as SCHEMA_DIR
@@ -32,9 +35,11 @@ from tests.support import (
     cell_spec,
     eventually,
     feed_seal_verify,
+    make_config,
     running_producer,
     seal_and_verify,
     send_stream,
+    short_dir,
     trust_of,
     verified,
 )
@@ -78,7 +83,7 @@ async def test_vector_through_real_socket(
         assert cell.counters.rejected == Counter(rejected)
         await producer.registry.deregister("cell-1")
         assert producer.publisher is not None
-        assert await producer.publisher.drain(10)
+        assert await producer.drain(10)
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok, report.problems
     assert report.sealed
@@ -108,7 +113,7 @@ async def test_published_events_match_schemas_and_cloudevents_sdk(
         assert sent == 120
         await eventually(lambda: producer.registry.cells["cell-1"].counters.accepted == 120)
         await producer.registry.deregister("cell-1")
-        assert await producer.publisher.drain(10)  # type: ignore[union-attr]
+        assert await producer.drain(10)
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok, report.problems
     envelope = _schema("envelope.schema.json")
@@ -166,7 +171,7 @@ async def test_adaptive_mode_thins_signatures_under_burst_within_bounds(
         await asyncio.to_thread(send_stream, cell.socket_path, burst, half_close=True)
         await eventually(lambda: cell.counters.accepted == 3000)
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.drain(10)
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok, report.problems
     assert report.signed < report.events, "a burst should thin signatures out"
@@ -195,7 +200,7 @@ async def test_binary_mode_events_verify_from_headers_and_payload_alone(
         await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=30, seed=4)
         await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 30)
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.drain(10)
         import nats
 
         nc = await nats.connect(nats_server.url)
@@ -271,7 +276,7 @@ async def test_concurrent_and_sequential_connections(nats_server: EmbeddedNats) 
         await eventually(lambda: cell.counters.accepted == 550)
         assert cell.counters.connections_opened == 6
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.drain(10)
         report, _ = await verified(nats_server.url, "cell-1", signer)
     assert report.ok and report.sealed
 
@@ -301,7 +306,7 @@ async def test_agent_silenced_fires_once(nats_server: EmbeddedNats) -> None:
         assert p.registry is not None
         await asyncio.sleep(0.9)
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.drain(10)
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok
     silenced = [e for e in events if e["type"] == GUEST_TYPE + "agent_silenced"]
@@ -322,7 +327,7 @@ async def test_broker_restart_loses_and_duplicates_nothing(nats_server: Embedded
         await guest
         await eventually(lambda: cell.counters.accepted == 1200, timeout=20)
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(30)
+        assert await p.drain(30)
         assert p.publisher.stats.reconnects >= 1
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok, report.problems
@@ -372,7 +377,7 @@ async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> No
         await run_guest(p.registry.cells["cell-1"].socket_path, rate=0, count=20, seed=8)
         await eventually(lambda: p.registry.cells["cell-1"].counters.accepted == 20)
         await p.registry.deregister("cell-1")
-        assert await p.publisher.drain(10)  # type: ignore[union-attr]
+        assert await p.drain(10)
         assert await p.heads.flush(10)
         _, events = await verified(nats_server.url, "cell-1", signer)
         nc = await nats.connect(nats_server.url)
@@ -421,20 +426,28 @@ async def test_full_queue_blocks_readers_then_delivers_everything(
             assert report.ok and report.sealed and report.events >= 2002, report.problems
 
 
+SMALL_SPOOL = {"max_bytes": 256 * 1024, "segment_bytes": 64 * 1024}
+
+
 async def test_drop_newest_policy_declares_the_loss_with_a_gap(nats_server: EmbeddedNats) -> None:
     async with running_producer(
-        nats_server.url, queue={"max_events": 16, "spool_full_policy": "drop_newest"}
+        nats_server.url, spool={**SMALL_SPOOL, "full_policy": "drop_newest"}
     ) as (p, signer, _):
         assert p.registry is not None
         cell = p.registry.cells["cell-1"]
+        await p.drain(10)
+        nats_server.kill()  # nothing leaves the spool: it fills up
         burst = b"".join(encode_frame(d) for d, _ in zip(frames(3), range(5000), strict=False))
         await asyncio.to_thread(send_stream, cell.socket_path, burst, half_close=True)
         await eventually(lambda: cell.counters.accepted == 5000, timeout=30)
+        assert cell.counters.dropped_full > 0
+        await nats_server.restart()
         report, events = await seal_and_verify(p, nats_server.url, signer)
     assert report.ok, report.problems
     gaps = [e for e in events if e["type"] == CHAIN_TYPE + "gap"]
     guest = [e for e in events if e["type"].startswith(GUEST_TYPE)]
-    assert gaps, "a full queue under drop_newest must be declared"
+    assert gaps, "a full spool under drop_newest must be declared"
+    assert {g["data"]["reason"] for g in gaps} == {"spool_full"}
     assert len(guest) + sum(g["data"]["lostCount"] for g in gaps) == 5000
     assert cell.counters.dropped_full == sum(g["data"]["lostCount"] for g in gaps)
 
@@ -463,23 +476,46 @@ async def test_runtime_registration_cannot_take_another_cells_socket(
         await eventually(lambda: one.counters.accepted == 5)
 
 
-async def test_shutdown_is_bounded_when_the_broker_is_gone_and_the_queue_full(
+async def test_a_stop_with_the_broker_gone_is_bounded_and_keeps_everything(
     nats_server: EmbeddedNats,
 ) -> None:
-    async with running_producer(nats_server.url, queue={"max_events": 32}) as (p, _, _base):
-        assert p.registry is not None
-        cell = p.registry.cells["cell-1"]
+    base = short_dir()
+    try:
+        signer = generate_key_file(f"{base}/signing.key")
+        config = make_config(
+            nats_server.url, f"{base}/signing.key", (cell_spec(base, 1),), spool=SMALL_SPOOL
+        )
+        first = Producer(config, signer=signer)
+        await first.startup()
+        assert first.registry is not None
+        cell = first.registry.cells["cell-1"]
+        await first.drain(10)
         nats_server.kill()
         guest = asyncio.create_task(run_guest(cell.socket_path, rate=0, count=2000, seed=1))
-        await eventually(lambda: p.registry.cells["cell-1"].listener.paused)  # type: ignore[union-attr]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        drained = await p.shutdown(grace_s=2.0)
-        assert loop.time() - started < 6.0
-        assert not drained  # the events it could not deliver are reported, not hidden
+        await eventually(lambda: cell.listener.paused)  # the spool is full: readers wait
+        assert not await first.shutdown(grace_s=2.0)  # bounded, and honest about it
         guest.cancel()
         with contextlib.suppress(BaseException):
             await guest
+        read = cell.counters.accepted
+        await nats_server.restart()
+        second = Producer(config, signer=signer)
+        await second.startup()
+        try:
+            assert second.registry is not None
+            await second.registry.deregister("cell-1")
+            assert await second.drain(20)
+        finally:
+            await second.shutdown()
+        report, events = await verified(nats_server.url, "cell-1", signer)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert report.ok and report.sealed, report.problems
+    guest_events = [e for e in events if e["type"].startswith(GUEST_TYPE)]
+    assert len(guest_events) == read  # every frame read before the stop was published
+    assert not [e for e in events if e["type"] == CHAIN_TYPE + "gap"]
+    kinds = [e["type"].rsplit(".", 1)[1] for e in events if e["type"].startswith(CHAIN_TYPE)]
+    assert kinds[0] == "opened" and kinds[-2:] == ["resumed", "sealed"]
 
 
 async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats) -> None:

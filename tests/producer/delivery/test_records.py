@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 from producer.delivery import records as rec
 
 events = st.builds(
-    lambda chain, seq, flags, subject, payload: rec.encode_event(
-        chain, seq, flags, subject, payload
-    ),
+    rec.encode_event,
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**64 - 1),
     st.integers(0, 31),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -608,7 +609,7 @@ def test_run_refuses_key_readable_by_others(tmp_path: Path, short_dir: Path) -> 
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_run_serves_guest_and_seals_on_signal(
+async def test_run_serves_guest_and_suspends_on_signal(
     *,
     tmp_path: Path,
     short_dir: Path,
@@ -657,22 +658,23 @@ async def test_run_serves_guest_and_seals_on_signal(
     counts = await _subject_counts(nats_server.url, "c1")
     assert _guest_events(counts, "c1") == 50, counts
     assert counts.get(f"{PREFIX}.c1.chain.opened") == 1, counts
-    assert counts.get(f"{PREFIX}.c1.chain.sealed") == 1, counts
+    # A stop suspends the chain (the next start continues it); only deregistration seals.
+    assert f"{PREFIX}.c1.chain.sealed" not in counts, counts
 
     res = await acli("verify", "--nats-url", nats_server.url, "--trust", str(trust))
     assert res.rc == 0, res
     lines = [line for line in res.out.splitlines() if "cell=c1 " in line]
     assert len(lines) == 1, res
-    assert lines[0].startswith("OK ") and lines[0].rstrip().endswith("sealed"), res
+    assert lines[0].startswith("OK ") and lines[0].rstrip().endswith("open"), res
     n_events = int(re.search(r"events=(\d+)", lines[0])[1])  # type: ignore[index]
-    assert n_events >= 52, res
+    assert n_events >= 51, res
     assert "1 chain(s), 1 verified, 0 failed" in res.out, res
 
     res = await acli("verify", "--nats-url", nats_server.url, "--trust", str(trust), "--json")
     assert res.rc == 0, res
     (report,) = json.loads(res.out)
     assert report["cell_id"] == "c1" and report["run_id"] == "r1"
-    assert report["ok"] is True and report["sealed"] is True
+    assert report["ok"] is True and report["sealed"] is False
     assert report["events"] == n_events == sum(counts.values())
     assert report["first_sequence"] == 1 and report["last_sequence"] == n_events
     assert report["problems"] == [] and report["gaps"] == []
@@ -683,7 +685,7 @@ async def test_run_serves_guest_and_seals_on_signal(
 
 
 @pytest.mark.timeout(40)
-async def test_run_waits_for_broker_that_starts_late(
+async def test_run_binds_and_spools_while_the_broker_is_down(
     tmp_path: Path,
     short_dir: Path,
     signing: tuple[Path, str, Path],
@@ -704,24 +706,30 @@ async def test_run_waits_for_broker_that_starts_late(
             e.get("level") == "warning" and str(port) in json.dumps(e) for e in daemon.log_events()
         )
 
-    # Alive and saying why it is not ready yet, as a JSON log line on stderr.
+    # The guest never waits for the broker: the socket is bound at once, frames are taken
+    # and spooled, and the daemon says why nothing is published yet.
+    await daemon.wait_until("cell socket", lambda: _is_socket(sock), limit_s=10)
+    guest = await acli("simulate-guest", "--socket", str(sock), "--count", "5", "--rate", "0")
+    assert guest.rc == 0, guest
     await daemon.wait_until("connection warning", complained, limit_s=10)
-    await asyncio.sleep(0.5)
     assert daemon.proc.returncode is None, daemon.describe()
-    assert not _is_socket(sock), "cell socket bound before the broker was reachable"
 
     server = EmbeddedNats(store_dir=tmp_path / "late-nats", port=port)
     try:
         await server.start()
-        await daemon.wait_until("cell socket", lambda: _is_socket(sock), limit_s=15)
-        guest = await acli("simulate-guest", "--socket", str(sock), "--count", "5", "--rate", "0")
-        assert guest.rc == 0, guest
+        deadline = time.monotonic() + 15
+        published = 0
+        while published < 5:
+            assert time.monotonic() < deadline, daemon.describe()
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # not created yet
+                published = _guest_events(await _subject_counts(url, "c1"), "c1")
         rc, _ = await daemon.stop(signal.SIGTERM, limit_s=15)
         assert rc == 0, daemon.describe()
         assert not sock.exists()
         res = await acli("verify", "--nats-url", url, "--trust", str(trust), "--cell", "c1")
         assert res.rc == 0, res
-        assert re.search(r"^OK .*cell=c1 .* sealed$", res.out, re.MULTILINE), res
+        assert re.search(r"^OK .*cell=c1 .*events=6 .* open$", res.out, re.MULTILINE), res
     finally:
         await server.stop()
 

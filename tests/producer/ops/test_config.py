@@ -79,7 +79,7 @@ def test_defaults_without_a_file() -> None:
     assert config.chain.checkpoint_every == 1000
     assert config.silence.window_ms == 10000
     assert config.probes.tick_s == 10.0
-    assert config.queue.spool_full_policy == "block"
+    assert config.spool.full_policy == "block" and config.spool.fsync == "interval"
     assert config.log.level == "info"
     assert config.cells == ()
 
@@ -242,7 +242,9 @@ def test_invalid_toml_reports_line(tmp_path: Path) -> None:
         ("[listener]\nport = 0", "listener.port"),
         ("[chain]\ncheckpoint_every = 0", "chain.checkpoint_every"),
         ("[silence]\nwindow_ms = 0", "silence.window_ms"),
-        ("[queue]\nspool_full_policy = 'drop_oldest'", "queue.spool_full_policy"),
+        ("[spool]\nfull_policy = 'drop_oldest'", "spool.full_policy"),
+        ("[spool]\nmax_bytes = 100000", "spool.max_bytes"),
+        ("[nats]\nstream_replicas = 7", "nats.stream_replicas"),
         (CELL + "colour = 'x'", "cells[0].colour"),
         ("[[cells]]\ncell_id = 'a'", "cells[0].run_id"),
     ],
@@ -403,7 +405,7 @@ def test_reference_covers_every_field() -> None:
         "nats.url",
         "signing.max_unsigned_ms",
         "listener.socket_mode",
-        "queue.spool_full_policy",
+        "spool.full_policy",
         "cells[].vsock_cid",
     ):
         assert f"| `{key}` |" in reference

@@ -18,6 +18,7 @@ from producer.ops.embedded import EmbeddedNats
 from tests.support import (
     cell_spec,
     eventually,
+    make_config,
     running_producer,
     send_stream,
     short_dir,
@@ -46,7 +47,7 @@ async def test_no_nats_url_runs_the_embedded_server_under_data_dir() -> None:
             url = producer.nats_url
             assert producer.registry is not None
             await producer.registry.deregister("cell-1")
-            assert producer.publisher is not None and await producer.publisher.drain(10)
+            assert await producer.drain(10)
             report, _ = await verified(url, "cell-1", signer)
             assert report.ok and report.sealed and report.events == 2
         finally:
@@ -57,21 +58,49 @@ async def test_no_nats_url_runs_the_embedded_server_under_data_dir() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_shutdown_seals_open_cells_and_drains(nats_server: EmbeddedNats) -> None:
-    async with running_producer(nats_server.url, cells=2) as (p, signer, _):
-        assert await p.shutdown(grace_s=10)
-        assert p.registry is not None and not p.registry.cells
+async def test_shutdown_suspends_and_a_restart_continues_every_chain(
+    nats_server: EmbeddedNats,
+) -> None:
+    base = short_dir()
+    try:
+        signer = generate_key_file(f"{base}/signing.key")
+        specs = (cell_spec(base, 1), cell_spec(base, 2))
+        config = make_config(nats_server.url, f"{base}/signing.key", specs)
+        first = Producer(config, signer=signer)
+        await first.startup()
+        assert await first.shutdown(grace_s=10)
+        assert first.registry is not None and not first.registry.cells
         for cell in ("cell-1", "cell-2"):
             report, events = await verified(nats_server.url, cell, signer)
-            assert report.ok and report.sealed
-            assert events[-1]["data"]["reason"] == "producer_shutdown"
+            assert report.ok and not report.sealed  # a stop suspends, it does not seal
+            assert [e["type"].rsplit(".", 1)[1] for e in events] == ["opened"]
+
+        second = Producer(config, signer=signer)
+        await second.startup()
+        try:
+            assert second.registry is not None
+            await second.registry.deregister("cell-1")
+            assert await second.drain(10)
+        finally:
+            assert await second.shutdown(grace_s=10)
+        report, events = await verified(nats_server.url, "cell-1", signer)
+        assert report.ok and report.sealed, report.problems
+        kinds = [e["type"].rsplit(".", 1)[1] for e in events]
+        assert kinds == ["opened", "resumed", "sealed"]
+        resumed = events[1]["data"]
+        assert resumed["clean"] is True
+        assert resumed["previousStopAt"] == events[0]["time"]
+        assert {e["data"]["cellId"] for e in events} == {"cell-1"}
+        assert len({e["id"].rpartition("-")[0] for e in events}) == 1  # one chain
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_counters_are_logged_periodically(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(registry, "STATS_INTERVAL_S", 0.2)
-    caplog.set_level(logging.INFO, logger="producer.ops.registry")
+    caplog.set_level(logging.INFO, logger="producer")
     async with running_producer(nats_server.url, silence={"window_ms": 1000}) as (p, _, _base):
         assert p.registry is not None
         cell = p.registry.cells["cell-1"]
@@ -85,3 +114,4 @@ async def test_counters_are_logged_periodically(
             timeout=5,
         )
         assert any(r.msg == "publisher_stats" for r in caplog.records)
+        assert any(r.msg == "spool_stats" for r in caplog.records)
