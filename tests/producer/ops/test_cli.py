@@ -966,3 +966,39 @@ async def test_demo_binary_mode(short_dir: Path) -> None:
     assert "1 chain(s), 1 verified, 0 failed" in res.out
     assert (data / "trust.json").is_file()
     assert not _procs_mentioning(str(data)), "embedded nats-server left running"
+
+
+@pytest.mark.timeout(40)
+async def test_run_reloads_its_key_on_sighup(
+    tmp_path: Path,
+    short_dir: Path,
+    nats_server: EmbeddedNats,
+    signing: tuple[Path, str, Path],
+    start_daemon: Callable[..., Any],
+) -> None:
+    key, kid, _ = signing
+    config = tmp_path / "c.toml"
+    config.write_text(
+        _config_text(
+            data_dir=tmp_path / "data", key_file=key, uds_base=short_dir / "vm", url=nats_server.url
+        )
+    )
+    daemon: Daemon = await start_daemon(config)
+    await daemon.wait_until(
+        "started",
+        lambda: any(e.get("event") == "producer_started" for e in daemon.log_events()),
+        15,
+    )
+    key.unlink()
+    new_kid = _keygen(key)
+    daemon.proc.send_signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        return any(e.get("event") == "signing_key_reloaded" for e in daemon.log_events())
+
+    await daemon.wait_until("key reloaded", reloaded, limit_s=10)
+    (line,) = [e for e in daemon.log_events() if e.get("event") == "signing_key_reloaded"]
+    assert (line["kid"], line["previous_kid"]) == (new_kid, kid)
+    assert daemon.proc.returncode is None  # SIGHUP does not stop the daemon
+    rc, _ = await daemon.stop(signal.SIGTERM)
+    assert rc == 0, daemon.describe()

@@ -10,7 +10,9 @@ import shutil
 import msgspec
 import pytest
 
+from audit.verify import verify_chain
 from producer.chain.signing import generate_key_file
+from producer.guest.simulator import run_guest
 from producer.ops import registry
 from producer.ops.config import Config
 from producer.ops.daemon import Producer
@@ -18,6 +20,7 @@ from producer.ops.embedded import EmbeddedNats
 from tests.support import (
     cell_spec,
     eventually,
+    history,
     make_config,
     running_producer,
     send_stream,
@@ -115,3 +118,40 @@ async def test_counters_are_logged_periodically(
         )
         assert any(r.msg == "publisher_stats" for r in caplog.records)
         assert any(r.msg == "spool_stats" for r in caplog.records)
+
+
+async def test_sighup_key_reload_continues_every_chain_under_the_new_key(
+    nats_server: EmbeddedNats,
+) -> None:
+    base = short_dir()
+    try:
+        key_file = f"{base}/signing.key"
+        old = generate_key_file(key_file)
+        config = make_config(nats_server.url, key_file, (cell_spec(base, 1),))
+        producer = Producer(config)  # loads the key file itself, as `run` does
+        await producer.startup()
+        try:
+            assert producer.registry is not None
+            cell = producer.registry.cells["cell-1"]
+            await run_guest(cell.socket_path, rate=0, count=5, seed=1)
+            await eventually(lambda: cell.counters.accepted == 5)
+            os.unlink(key_file)
+            new = generate_key_file(key_file)
+            producer.reload_key()  # what the daemon's SIGHUP handler calls
+            await run_guest(cell.socket_path, rate=0, count=5, seed=2)
+            await eventually(lambda: cell.counters.accepted == 10)
+            await producer.registry.deregister("cell-1")
+            assert await producer.drain(10)
+        finally:
+            await producer.shutdown()
+        payloads = await history(nats_server.url, "cell-1")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    events = sorted((msgspec.json.decode(p) for p in payloads), key=lambda e: e["sequence"])
+    kids = [e.get("signkid") for e in events if "signkid" in e]
+    assert kids[0] == old.kid and kids[-1] == new.kid  # one chain, two keys in turn
+    assert kids == sorted(kids, key=lambda k: k == new.kid)
+    both = {old.kid: old.public_raw, new.kid: new.public_raw}
+    assert verify_chain(payloads, both).ok
+    only_old = verify_chain(payloads, {old.kid: old.public_raw})
+    assert not only_old.ok and any(new.kid in p for p in only_old.problems)
