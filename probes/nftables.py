@@ -44,7 +44,6 @@ _BARE_META: Final = frozenset({"iif", "oif", "iifname", "oifname", "iiftype", "o
 _BINOPS: Final = frozenset({"|", "&", "^", "<<", ">>"})
 _JSON: Final = msgspec.json.Encoder(order="sorted")
 _U64_HALF: Final = 1 << 63
-_DEFAULT_BURST: Final = {"packets": 5, "bytes": 0}
 
 
 class _MalformedError(Exception):
@@ -215,8 +214,9 @@ def _limit(body: Any) -> str | None:
     over = "over " if body.get("inv") else ""
     unit = body.get("rate_unit", "packets")
     shown_unit = "" if unit == "packets" else f" {unit}"
-    burst = body.get("burst", _DEFAULT_BURST.get(unit))
-    shown_burst = "" if burst == _DEFAULT_BURST.get(unit) else f" burst {burst}"
+    default_burst = 5 if unit == "packets" else 0  # what nft omits when listing
+    burst = body.get("burst", default_burst)
+    shown_burst = "" if burst == default_burst else f" burst {burst}"
     per = body.get("per", "second")
     return f"limit rate {over}{body['rate']}{shown_unit}/{per}{shown_burst}"
 
