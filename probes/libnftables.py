@@ -3,19 +3,25 @@
 Why not run ``nft -j list table ...`` per reading: measured on the 2-core reference host
 (docs/benchmarks.md), ``nsenter --net=... nft -j list table`` costs about 6 ms of CPU per
 call, so 200 cells at a 1 s tick would need 1.2 cores for nftables alone. The same command
-through libnftables in this process costs a tenth of that. We bind the library with ctypes
-rather than depend on a Python wrapper: Debian's ``python3-nftables`` is not installable
-into a virtualenv and its PyPI copies are unmaintained, and we need one detail no wrapper
-offers: the netlink socket of a context belongs to the network namespace its thread was
-in when the context was created. So a context is created after ``setns`` into the cell's
-namespace, the thread returns to its own namespace, and the context keeps reading the
-cell's tables from then on without further ``setns`` calls.
+through libnftables in this process costs a fraction of that. We bind the library with
+ctypes rather than depend on a Python wrapper: Debian's ``python3-nftables`` is not
+installable into a virtualenv, its PyPI copy is an unmaintained repackaging, and we need
+control of which network namespace each step runs in, which no wrapper offers.
 
-All library calls run on one worker thread: libnftables documents no thread safety, and
-its calls block on netlink. A :class:`Session` is one context bound to one namespace; it
-notices when the namespace path names a different namespace (the cell was restarted) and
-rebinds, so an old namespace is never kept alive by our socket. Freeing a session (when
-its cell goes away) closes the socket for the same reason.
+Namespaces: a context's nftables netlink socket belongs to the namespace its thread was
+in when the context was created, but libnftables also opens an rtnetlink socket *per
+command* to name interfaces (``iif "eth0"``), in the calling thread's namespace at that
+moment. So the worker thread enters the cell's namespace (``setns``) to create the
+context and again around every command, and returns to its own right after. Were the
+names taken from the host's namespace they would be wrong (interface indexes are per
+namespace), and the dump of every host link (hundreds of TAPs) would cost milliseconds.
+
+All library calls run on one worker thread: libnftables keeps process-wide state (the
+interface cache) and documents no thread safety, and its calls block on netlink. A
+:class:`Session` is one context bound to one namespace; it notices when the namespace
+path names a different namespace (the cell was restarted) and rebinds, so an old
+namespace is never kept alive by our socket or descriptor. Freeing a session (when its
+cell goes away) closes both for the same reason.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,8 +51,10 @@ _HOME: Final = "/proc/thread-self/ns/net"
 @dataclass(slots=True)
 class _Bound:
     ctx: int
+    netns_fd: int | None
+    """Held open so each command runs inside the namespace; None: the producer's own."""
     netns_id: tuple[int, int] | None
-    """(st_dev, st_ino) of the namespace file; None for the producer's own namespace."""
+    """(st_dev, st_ino) of the namespace file when it was opened."""
 
 
 class Session:
@@ -61,30 +70,48 @@ class Session:
 
         Call on :attr:`Libnftables.worker` only.
         """
-        netns_id = self._netns_id()
+        netns_id = None if self.netns is None else _identity(self.netns)
         if self._bound is None or self._bound.netns_id != netns_id:
             self._unbind()
-            self._bound = _Bound(self._lib.new_context(self.netns), netns_id)
-        return self._lib.run_command(self._bound.ctx, command)
+            self._bound = self._bind()
+        with self._lib.inside(self._bound.netns_fd, self.netns):
+            return self._lib.run_command(self._bound.ctx, command)
 
     def free(self) -> None:
         """Close the context's socket (on the worker); the next :meth:`run` opens another."""
         with contextlib.suppress(RuntimeError):  # the worker is shut down at exit
             self._lib.worker.submit(self._unbind)
 
+    def _bind(self) -> _Bound:
+        if self.netns is None:
+            return _Bound(self._lib.new_context(), None, None)
+        try:
+            fd = os.open(self.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Io(_PROBE, f"network namespace: {exc.strerror}", path=self.netns) from exc
+        try:
+            st = os.fstat(fd)
+            with self._lib.inside(fd, self.netns):
+                ctx = self._lib.new_context()
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Bound(ctx, fd, (st.st_dev, st.st_ino))
+
     def _unbind(self) -> None:
         if self._bound is not None:
             self._lib.free_context(self._bound.ctx)
+            if self._bound.netns_fd is not None:
+                os.close(self._bound.netns_fd)
             self._bound = None
 
-    def _netns_id(self) -> tuple[int, int] | None:
-        if self.netns is None:
-            return None
-        try:
-            st = os.stat(self.netns)
-        except OSError as exc:
-            raise Io(_PROBE, f"network namespace: {exc.strerror}", path=self.netns) from exc
-        return (st.st_dev, st.st_ino)
+
+def _identity(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Io(_PROBE, f"network namespace: {exc.strerror}", path=path) from exc
+    return (st.st_dev, st.st_ino)
 
 
 class Libnftables:
@@ -118,33 +145,48 @@ class Libnftables:
         )
         """Every library call runs here."""
         self._home: int | None = None  # the worker's own namespace, opened on first use
+        self._lost = False
 
     def session(self, netns: str | None) -> Session:
         return Session(self, netns)
 
     # The methods below run on the worker thread only.
 
-    def new_context(self, netns: str | None) -> int:
-        """A JSON-output context whose socket lives in ``netns``; worker thread only."""
+    @contextlib.contextmanager
+    def inside(self, netns_fd: int | None, path: str | None) -> Iterator[None]:
+        """Run the block with the worker thread in ``netns_fd`` (None: stay home).
+
+        Needed for every command, not only for creating the context: libnftables names
+        interfaces (``iif``, ``oif``) from an rtnetlink dump it makes in the calling
+        thread's namespace, which must be the cell's for the names to be the cell's (and,
+        on a host with hundreds of TAPs, to be cheap).
+        """
+        if self._lost:
+            raise Io(_PROBE, "the libnftables worker could not return to its namespace")
+        if netns_fd is None:
+            yield
+            return
         if self._home is None:
             self._home = os.open(_HOME, os.O_RDONLY | os.O_CLOEXEC)
-        if netns is None:
-            # Our own namespace, named explicitly: a failed return from a cell's
-            # namespace below must not leave later contexts in the wrong one.
-            self._setns(self._home, _HOME)
-            return self._new_context_here()
+        self._setns(netns_fd, path or "")
         try:
-            target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise Io(_PROBE, f"network namespace: {exc.strerror}", path=netns) from exc
-        try:
-            self._setns(target, netns)
-            try:
-                return self._new_context_here()
-            finally:
-                self._setns(self._home, _HOME)
+            yield
         finally:
-            os.close(target)
+            try:
+                self._setns(self._home, _HOME)
+            except Io:
+                self._lost = True  # every later command would run in the wrong namespace
+                raise
+
+    def new_context(self) -> int:
+        """A JSON-output context whose socket lives in the thread's current namespace."""
+        ctx: int | None = self._lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+        if not ctx:
+            raise Io(_PROBE, "nft_ctx_new failed")
+        self._lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
+        self._lib.nft_ctx_buffer_output(ctx)
+        self._lib.nft_ctx_buffer_error(ctx)
+        return ctx
 
     def run_command(self, ctx: int, command: str) -> bytes:
         lib = self._lib
@@ -159,15 +201,6 @@ class Libnftables:
 
     def free_context(self, ctx: int) -> None:
         self._lib.nft_ctx_free(ctx)
-
-    def _new_context_here(self) -> int:
-        ctx: int | None = self._lib.nft_ctx_new(_NFT_CTX_DEFAULT)
-        if not ctx:
-            raise Io(_PROBE, "nft_ctx_new failed")
-        self._lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
-        self._lib.nft_ctx_buffer_output(ctx)
-        self._lib.nft_ctx_buffer_error(ctx)
-        return ctx
 
     def _setns(self, fd: int, path: str) -> None:
         if self._libc.setns(fd, _CLONE_NEWNET) != 0:

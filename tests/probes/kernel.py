@@ -70,9 +70,10 @@ def disable_ipv6(iface: str, ns: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def veth_between(ns_a: str, ns_b: str, subnet: int) -> Iterator[tuple[str, str]]:
+def veth_between(ns_a: str, ns_b: str, subnet: int) -> Iterator[tuple[str, str, str]]:
     """A veth pair from ``ns_a`` (10.254.<subnet>.1/30) to ``ns_b`` (.2/30), both up,
-    IPv6 off. The addresses exist only inside these two test namespaces."""
+    IPv6 off; yields both addresses and ``ns_a``'s interface. The addresses exist only
+    inside these two test namespaces."""
     a, b = unique("cpa"), unique("cpb")
     run("ip", "link", "add", a, "netns", ns_a, "type", "veth", "peer", b, "netns", ns_b)
     try:
@@ -80,7 +81,7 @@ def veth_between(ns_a: str, ns_b: str, subnet: int) -> Iterator[tuple[str, str]]
             disable_ipv6(iface, ns)
             run("ip", "-n", ns, "addr", "add", f"10.254.{subnet}.{host}/30", "dev", iface)
             run("ip", "-n", ns, "link", "set", iface, "up")
-        yield f"10.254.{subnet}.1", f"10.254.{subnet}.2"
+        yield f"10.254.{subnet}.1", f"10.254.{subnet}.2", a
     finally:
         with contextlib.suppress(RuntimeError):  # gone with its namespace already
             run("ip", "-n", ns_a, "link", "del", a)

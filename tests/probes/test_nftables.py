@@ -202,6 +202,7 @@ table inet {table} {{
     udp dport 9999 counter drop
     udp dport 9998 drop
     udp dport 9997 counter name named_dns drop
+    iif {iface} udp dport 9996 drop
   }}
 }}
 """
@@ -210,18 +211,19 @@ HEADERS = 20 + 8  # IPv4 + ICMP or UDP: an inet input counter counts the IP pack
 
 
 @pytest.fixture
-def cell_and_peer() -> Iterator[tuple[str, str, str]]:
-    """(cell namespace, peer namespace, cell address): a veth between two test namespaces."""
-    with netns("cpc") as cell, netns("cpp") as peer, veth_between(cell, peer, 7) as addrs:
-        yield cell, peer, addrs[0]
+def cell_and_peer() -> Iterator[tuple[str, str, str, str]]:
+    """(cell namespace, peer namespace, cell address, cell's veth): a veth between two
+    test namespaces."""
+    with netns("cpc") as cell, netns("cpp") as peer, veth_between(cell, peer, 7) as link:
+        yield cell, peer, link[0], link[2]
 
 
 async def test_counters_grow_by_what_was_sent_root(
-    cell_and_peer: tuple[str, str, str],
+    cell_and_peer: tuple[str, str, str, str],
 ) -> None:
-    cell, peer, address = cell_and_peer
+    cell, peer, address, iface = cell_and_peer
     table = unique("cell_")
-    nft(cell, CELL_TABLE.format(table=table))
+    nft(cell, CELL_TABLE.format(table=table, iface=iface))
     probe = NftablesProbe("inet", table, netns_path(cell))
     try:
         before = await probe.read(CTX)
@@ -237,8 +239,10 @@ async def test_counters_grow_by_what_was_sent_root(
             "udp dport 9999 counter drop",
             "udp dport 9998 drop",
             'udp dport 9997 counter name "named_dns" drop',
+            # named from the cell's namespace: its index means another link in ours
+            f"iif {iface} udp dport 9996 drop",
         ]
-        assert [r["packets"] for r in before.output["rows"]] == ["0", "0", None, None]
+        assert [r["packets"] for r in before.output["rows"]] == ["0", "0", None, None, None]
 
         icmp = in_netns(peer, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))
         udp = in_netns(peer, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -255,7 +259,7 @@ async def test_counters_grow_by_what_was_sent_root(
 
         await until(arrived, "the last UDP datagrams to be counted")
         after = (await probe.read(CTX)).output
-        icmp_row, udp_row, silent_row, named_row = after["rows"]
+        icmp_row, udp_row, silent_row, named_row, _ = after["rows"]
         assert (icmp_row["packets"], icmp_row["bytes"]) == ("3", str(3 * (HEADERS + PAYLOAD)))
         assert (udp_row["packets"], udp_row["bytes"]) == ("5", str(5 * (HEADERS + PAYLOAD)))
         assert (silent_row["packets"], named_row["packets"]) == (None, None)
