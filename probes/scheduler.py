@@ -252,15 +252,25 @@ class ProbeScheduler:
 
     async def _bounded(self, read: Coroutine[Any, Any, ProbeReading]) -> ProbeReading:
         """``read``'s result, or :class:`_ReadTimedOutError` once the injected sleep of
-        ``timeout_s`` ends first (then ``read`` is cancelled and waited for)."""
+        ``timeout_s`` ends first; either way ``read`` has finished when this returns.
+
+        ``asyncio.wait`` is used to wait for the cancelled reading to unwind because it
+        does not raise that reading's CancelledError: a cancellation of *this* task
+        arriving meanwhile still propagates instead of being swallowed.
+        """
         reading = asyncio.ensure_future(read)
         timer = asyncio.ensure_future(self._sleep(self._timeout))
         try:
             await asyncio.wait((reading, timer), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_and_wait(timer)
-            if not reading.done():
-                await cancel_and_wait(reading)
+        except asyncio.CancelledError:
+            reading.cancel()
+            timer.cancel()
+            await asyncio.wait((reading, timer))
+            raise
+        timer.cancel()
+        if not reading.done():
+            reading.cancel()
+            await asyncio.wait((reading,))
         if reading.cancelled():
             raise _ReadTimedOutError
         return reading.result()
