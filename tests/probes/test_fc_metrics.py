@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given
@@ -23,20 +23,8 @@ from probes.fc_metrics import (
     stringify_numbers,
 )
 from tests.probes.fake_vmm import METRICS_LINE, FakeVmm, fake_vmm
-from tests.support import short_dir
 
 CTX = ProbeContext(cell_id="cell-1")
-
-
-@pytest.fixture
-def directory() -> Iterator[str]:
-    path = short_dir()  # Unix socket paths must stay short
-    try:
-        yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(f"{path}/{name}")
-        os.rmdir(path)
 
 
 @pytest.fixture

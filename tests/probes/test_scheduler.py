@@ -10,7 +10,7 @@ import heapq
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,9 +22,8 @@ from probes.nftables import NftablesProbe
 from probes.scheduler import ProbeScheduler, probes_for
 from probes.tap_link import TapLinkProbe
 from producer.ops.config import CellSpec
-from tests.probes.fake_vmm import FakeVmm, fake_vmm
+from tests.probes.fake_vmm import fake_vmm
 from tests.probes.kernel import until
-from tests.support import short_dir
 
 
 class VirtualTime:
@@ -452,19 +451,6 @@ def test_probes_for_builds_every_probe_the_cell_names() -> None:
 # --------------------------------------------------------------------------- real time
 
 
-@pytest.fixture
-def directory() -> Iterator[str]:
-    import os
-    import shutil
-
-    path = short_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        assert not os.path.exists(path)
-
-
 async def test_a_real_vmm_that_never_answers_is_cut_off(directory: str) -> None:
     """Real sockets, real time: a Firecracker API that accepts the flush and never
     answers; the reading is cut off (its connection closed) while another cell's probe
@@ -492,4 +478,3 @@ async def test_a_real_vmm_that_never_answers_is_cut_off(directory: str) -> None:
             assert "stuck" not in dispatch.cells()
         finally:
             await scheduler.close()
-    assert isinstance(stuck, FakeVmm)
