@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schemas clean
+.PHONY: demo test lint bench bench-probes schemas clean host-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cellos-producer demo $(ARGS)
 
-test: $(STAMP)
+# The probe tests and bench build real namespaces, TAPs and nftables tables: they need
+# Debian's nft and ip (and run as root, as CI does).
+host-tools:
+	command -v nft >/dev/null && command -v ip >/dev/null || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iproute2; }
+
+test: $(STAMP) host-tools
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
@@ -25,6 +31,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/e2e.py $(ARGS)
+
+bench-probes: $(STAMP) host-tools
+	$(BIN)/python bench/probes.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

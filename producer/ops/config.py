@@ -234,13 +234,27 @@ class SilenceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 class ProbesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Host-side probes (SPEC 8). Validated now so configs written today keep loading, but
-    this release runs no probe: only the interface in ``probes/`` exists."""
+    """Host-side probes (SPEC 8): how often each cell's probes read, and how long one may
+    take. Each probe of each cell runs on its own jittered phase; see docs/probes.md."""
 
-    tick_s: Annotated[
-        float, _doc("Seconds between probe rounds for each cell (no probe runs yet).")
+    interval_s: Annotated[
+        float,
+        _doc(
+            "Seconds between two readings of one probe of one cell. Each probe starts at a "
+            "random phase within the first interval, so cells do not all read at once."
+        ),
     ] = 10.0
-    enabled: Annotated[bool, _doc("Run host probes at all (no probe runs yet).")] = True
+    timeout_s: Annotated[
+        float,
+        _doc(
+            "A reading still running after this many seconds is cut off and counted as "
+            "failed; at most `interval_s`."
+        ),
+    ] = 5.0
+    max_concurrency: Annotated[
+        int, _doc("Readings in progress at once, over all cells and probes.")
+    ] = 16
+    enabled: Annotated[bool, _doc("Run host probes at all.")] = True
 
 
 class QueueConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -627,7 +641,7 @@ def _check(config: Config) -> None:
     _positive(config.chain.checkpoint_every, "chain.checkpoint_every")
     _positive(config.chain.checkpoint_interval_s, "chain.checkpoint_interval_s")
     _positive(config.silence.window_ms, "silence.window_ms")
-    _positive(config.probes.tick_s, "probes.tick_s")
+    _check_probes(config.probes)
     _positive(config.queue.max_events, "queue.max_events")
     _check_spool(config.spool)
     _check_cells(config.cells, config.listener.port)
@@ -723,6 +737,18 @@ def _check_spool(spool: SpoolConfig) -> None:
             "spool.max_bytes",
             f"{spool.max_bytes} must be at least twice spool.segment_bytes ({spool.segment_bytes})",
         )
+
+
+def _check_probes(probes: ProbesConfig) -> None:
+    _positive(probes.interval_s, "probes.interval_s")
+    _positive(probes.timeout_s, "probes.timeout_s")
+    if probes.timeout_s > probes.interval_s:
+        raise ConfigError(
+            "probes.timeout_s",
+            f"{probes.timeout_s!r} is longer than probes.interval_s ({probes.interval_s!r}): "
+            "a reading must end before the next one is due",
+        )
+    _positive(probes.max_concurrency, "probes.max_concurrency")
 
 
 def _check_cells(cells: tuple[CellSpec, ...], port: int) -> None:

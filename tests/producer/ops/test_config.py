@@ -78,7 +78,8 @@ def test_defaults_without_a_file() -> None:
     assert config.listener.port == 9001
     assert config.chain.checkpoint_every == 1000
     assert config.silence.window_ms == 10000
-    assert config.probes.tick_s == 10.0
+    assert (config.probes.interval_s, config.probes.timeout_s) == (10.0, 5.0)
+    assert config.probes.max_concurrency == 16
     assert config.spool.full_policy == "block" and config.spool.fsync == "interval"
     assert config.log.level == "info"
     assert config.cells == ()
@@ -118,7 +119,7 @@ def test_config_is_frozen() -> None:
 
 
 def test_int_accepted_for_float_keys(tmp_path: Path) -> None:
-    assert load(tmp_path, "[probes]\ntick_s = 2").probes.tick_s == 2.0
+    assert load(tmp_path, "[probes]\ninterval_s = 2\ntimeout_s = 1").probes.interval_s == 2.0
 
 
 @pytest.mark.parametrize(
@@ -178,10 +179,10 @@ def test_cli_overrides_win_over_env_and_file(tmp_path: Path) -> None:
         tmp_path,
         '[log]\nlevel = "error"',
         env={"CELLOS_PRODUCER_LOG__LEVEL": "warning"},
-        overrides={"log.level": "debug", "probes.tick_s": "2.5", "nats.url": None},
+        overrides={"log.level": "debug", "probes.interval_s": "12.5", "nats.url": None},
     )
     assert config.log.level == "debug"
-    assert config.probes.tick_s == 2.5
+    assert config.probes.interval_s == 12.5
     assert config.nats.url is None  # None overrides are skipped, not applied
 
 
@@ -245,6 +246,11 @@ def test_invalid_toml_reports_line(tmp_path: Path) -> None:
         ("[spool]\nfull_policy = 'drop_oldest'", "spool.full_policy"),
         ("[spool]\nmax_bytes = 100000", "spool.max_bytes"),
         ("[nats]\nstream_replicas = 7", "nats.stream_replicas"),
+        ("[probes]\ntick_s = 10", "probes.tick_s"),
+        ("[probes]\ninterval_s = 0", "probes.interval_s"),
+        ("[probes]\ntimeout_s = -1", "probes.timeout_s"),
+        ("[probes]\ninterval_s = 2\ntimeout_s = 3", "probes.timeout_s"),
+        ("[probes]\nmax_concurrency = 0", "probes.max_concurrency"),
         (CELL + "colour = 'x'", "cells[0].colour"),
         ("[[cells]]\ncell_id = 'a'", "cells[0].run_id"),
     ],
