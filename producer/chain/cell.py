@@ -49,6 +49,7 @@ class CellCounters:
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     events: int = 0
+    host_events: int = 0
     signed: int = 0
     dropped_full: int = 0
     connections_opened: int = 0
@@ -142,6 +143,8 @@ class CellRuntime:
         self._waiter: asyncio.Task[None] | None = None
         self._cover: asyncio.TimerHandle | None = None
         self._head_noted_s = -HEAD_INTERVAL_S
+        self.ticks = 0
+        """Periodic duties run so far (the silence watchdog looks at every one)."""
         self.closing = False
         """Set when the chain is being sealed or suspended: from then on no frame is taken."""
 
@@ -341,11 +344,12 @@ class CellRuntime:
         return True
 
     def offer(self, pending: Pending) -> bool:
-        """Seal and spool an event if the spool has room now; False otherwise (the caller
-        skips it and counts the skip, as a probe does with its tick)."""
+        """Seal and spool a host probe reading if the spool has room now; False otherwise
+        (the probe scheduler skips the tick and counts it)."""
         if self.closing or not self._spool.has_space():
             return False
         self._seal_pending(pending, last_in_batch=True, now_s=self._mono())
+        self.counters.host_events += 1
         return True
 
     def open_chain(self, *, socket_path: str, supersedes: dict[str, Any] | None) -> None:
@@ -405,6 +409,7 @@ class CellRuntime:
         """Periodic duties: the silence watchdog (SPEC 8) and the time-based checkpoint."""
         if self.closing:
             return
+        self.ticks += 1
         now_s = self._mono()
         if self.listener.paused or self._batch:
             # Our own backpressure holds the guest's frames unread: it is not silent.
@@ -478,6 +483,7 @@ class CellRuntime:
             "accepted": c.accepted,
             "rejected": dict(c.rejected),
             "events": c.events,
+            "host_events": c.host_events,
             "signed": c.signed,
             "dropped": c.dropped_full,
             "connections": c.connections_open,

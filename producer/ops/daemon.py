@@ -27,7 +27,10 @@ from nats.js import JetStreamContext
 
 from audit.digest import digest_of, format_sequence
 from audit.message import STRUCTURED_CONTENT_TYPE, binary_headers, binary_payload
+from probes.base import ProbeReading
+from probes.scheduler import ProbeScheduler
 from producer.aio import cancel_and_wait
+from producer.chain.events import Rfc3339Clock, host_event
 from producer.chain.signing import Signer
 from producer.chain.signpolicy import SignBudget, SigningPolicy
 from producer.delivery import records as rec
@@ -101,6 +104,8 @@ class Producer:
         self.registry: Registry | None = None
         self.vsock: VsockRouter | None = None
         self.heads: HeadRecorder | None = None
+        self.probes: ProbeScheduler | None = None
+        self._wall = Rfc3339Clock()
         self.nats_url = config.nats.url or ""
         self.fatal: BaseException | None = None
         """What stopped the producer on its own (an unfit stream, say), if anything."""
@@ -132,6 +137,13 @@ class Producer:
         if cfg.listener.vsock:
             self.vsock = VsockRouter(cfg.listener.vsock_port)
             await self.vsock.start()
+        if cfg.probes.enabled:
+            self.probes = ProbeScheduler(
+                self._dispatch_probe,
+                interval_s=cfg.probes.interval_s,
+                timeout_s=cfg.probes.timeout_s,
+                max_concurrency=cfg.probes.max_concurrency,
+            )
         registry = self.registry = Registry(
             cfg,
             signer=self.signer,
@@ -139,7 +151,8 @@ class Producer:
             spool=spool,
             vsock=self.vsock,
             lookup=self._supersedes,
-            on_stats=self._log_publisher_stats,
+            on_stats=self._log_stats,
+            probes=self.probes,
         )
         specs, sources = self._registrations()
         socks = registry.bind_all(specs)
@@ -166,6 +179,8 @@ class Producer:
             await registry.start(spec, sock, source=source)
         await registry.seal_unregistered()
         registry.start_ticker()
+        if self.probes is not None:
+            self.probes.start()
         self._started = True
         event(
             log,
@@ -372,6 +387,15 @@ class Producer:
                 )
             )
 
+    async def _dispatch_probe(self, cell_id: str, reading: ProbeReading) -> bool:
+        """A probe reading becomes a ``host.v1.<probe>`` event of its cell, stamped now (at
+        dispatch, SPEC 8); False (skipped, counted by the scheduler) when the spool is full."""
+        cell = self.registry.cells.get(cell_id) if self.registry is not None else None
+        if cell is None:
+            return False
+        at = self._wall.now()
+        return cell.offer(host_event(cell.ctx, reading.probe, at, reading.inputs, reading.output))
+
     async def _stored_check(self, msgs: list[OutMsg]) -> set[str]:
         if self._js is None:
             raise BrokerError("not connected")
@@ -458,6 +482,8 @@ class Producer:
         if self.registry is not None:
             await self.registry.stop_ticker()
             await self.registry.suspend_all(grace_s=grace / 2)
+        if self.probes is not None:
+            await self.probes.close()
         if self.vsock is not None:
             await self.vsock.close()
         drained = True
@@ -484,7 +510,20 @@ class Producer:
             event(log, logging.INFO, "producer_stopped", drained=drained)
         return drained
 
-    def _log_publisher_stats(self) -> None:
+    def _log_stats(self) -> None:
+        if self.probes is not None:
+            for (cell_id, probe), counts in sorted(self.probes.stats().items()):
+                event(
+                    log,
+                    logging.INFO,
+                    "probe_stats",
+                    cell_id=cell_id,
+                    probe=probe,
+                    readings=counts.readings,
+                    skipped=counts.skipped,
+                    missed=counts.missed,
+                    failures=counts.failures,
+                )
         if self.publisher is None:
             return
         st = self.publisher.stats

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from audit.cli import collect_reports, print_reports
 from audit.keys import merge_trust
@@ -27,10 +28,12 @@ from producer.ops.config import (
     Config,
     LogConfig,
     NatsConfig,
+    ProbesConfig,
     SigningConfig,
     SilenceConfig,
 )
 from producer.ops.daemon import Producer
+from producer.ops.demo_host import DemoHost
 from producer.ops.embedded import EmbeddedNats
 from producer.ops.logs import setup_logging
 from schemas.wire import Declaration
@@ -51,10 +54,21 @@ def _load_or_make_key(path: str) -> Signer:
     return Signer.load(path) if os.path.exists(path) else generate_key_file(path)
 
 
-def demo_config(opts: DemoOptions, data_dir: str, url: str, key_file: str, tag: str) -> Config:
+def demo_cell_ids(opts: DemoOptions, tag: str) -> list[str]:
+    return [f"demo-{tag}-{i}" for i in range(1, opts.cells + 1)]
+
+
+def demo_config(
+    opts: DemoOptions,
+    data_dir: str,
+    url: str,
+    key_file: str,
+    tag: str,
+    *,
+    targets: dict[str, dict[str, Any]] | None = None,
+) -> Config:
     cells = []
-    for i in range(1, opts.cells + 1):
-        cell_id = f"demo-{tag}-{i}"
+    for cell_id in demo_cell_ids(opts, tag):
         cell_dir = os.path.join(data_dir, "cells", cell_id)
         os.makedirs(cell_dir, exist_ok=True)
         cells.append(
@@ -63,6 +77,7 @@ def demo_config(opts: DemoOptions, data_dir: str, url: str, key_file: str, tag: 
                 run_id=f"run-{tag}",
                 spec_signature_hash="sha256:" + secrets.token_hex(32),
                 vsock_uds_base=os.path.join(cell_dir, "vsock"),
+                **(targets or {}).get(cell_id, {}),
             )
         )
     return Config(
@@ -72,6 +87,7 @@ def demo_config(opts: DemoOptions, data_dir: str, url: str, key_file: str, tag: 
         signing=SigningConfig(key_file=key_file, mode=opts.mode),  # type: ignore[arg-type]
         chain=ChainConfig(checkpoint_every=200, checkpoint_interval_s=5.0),
         silence=SilenceConfig(window_ms=10_000),
+        probes=ProbesConfig(interval_s=2.0, timeout_s=1.0),
         log=LogConfig(level="warning"),
         cells=tuple(cells),
     )
@@ -112,18 +128,22 @@ class LiveView:
         if not self._tty:
             total = sum(s["events"] for s in snaps)
             rejected = sum(sum(s["rejected"].values()) for s in snaps)
+            host = sum(s["host_events"] for s in snaps)
             print(
-                f"[{elapsed:5.1f}s] cells={len(snaps)} events={total} acked={st.acked} "
-                f"rejected_frames={rejected} backlog={publisher.backlog}",
+                f"[{elapsed:5.1f}s] cells={len(snaps)} events={total} host_events={host} "
+                f"acked={st.acked} rejected_frames={rejected} backlog={publisher.backlog}",
                 flush=True,
             )
             return
         lines = [f"t={elapsed:5.1f}s  acked={st.acked}  backlog={publisher.backlog}"]
-        lines.append(f"{'cell':<24}{'frames':>8}{'rejected':>10}{'events':>8}{'signed':>8}")
+        lines.append(
+            f"{'cell':<24}{'frames':>8}{'rejected':>10}{'host':>6}{'events':>8}{'signed':>8}"
+        )
         for s in snaps:
             rejected = sum(s["rejected"].values())
             lines.append(
-                f"{s['cell_id']:<24}{s['accepted']:>8}{rejected:>10}{s['events']:>8}{s['signed']:>8}"
+                f"{s['cell_id']:<24}{s['accepted']:>8}{rejected:>10}{s['host_events']:>6}"
+                f"{s['events']:>8}{s['signed']:>8}"
             )
         if self._drawn:
             sys.stdout.write(f"\x1b[{self._drawn}A")
@@ -149,7 +169,11 @@ async def run_demo(opts: DemoOptions) -> int:
         await embedded.start()
         url = embedded.url
     print(f"NATS: {url}{' (embedded)' if embedded else ''}   data dir: {data_dir}")
-    config = demo_config(opts, data_dir, url, key_file, tag)
+    host = DemoHost(data_dir)
+    targets = host.setup(demo_cell_ids(opts, tag))
+    for note in host.notes:
+        print(f"host probes: {note}")
+    config = demo_config(opts, data_dir, url, key_file, tag, targets=targets)
     producer = Producer(config, signer=signer)
     guests: list[asyncio.Task[object]] = []
     try:
@@ -162,6 +186,7 @@ async def run_demo(opts: DemoOptions) -> int:
                 asyncio.create_task(run_guest(cell.socket_path, rate=opts.rate, count=None, seed=i))
             )
         guests.append(asyncio.create_task(_misbehave(cells[0].socket_path)))
+        host.start_activity()
         view = LiveView(producer)
         start = time.monotonic()
         with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
@@ -178,6 +203,9 @@ async def run_demo(opts: DemoOptions) -> int:
             if producer.registry is not None
             else {}
         )
+        readings: dict[str, int] = {}
+        for (_, probe), counts in (producer.probes.stats() if producer.probes else {}).items():
+            readings[probe] = readings.get(probe, 0) + counts.readings
         for task in guests:
             task.cancel()
         for task in guests:
@@ -190,11 +218,15 @@ async def run_demo(opts: DemoOptions) -> int:
                 await producer.registry.deregister(cell_id)
         drained = producer.spool is not None and await producer.drain(15)
         await producer.shutdown()
+        await host.close()
     print("chains sealed; all events acknowledged" if drained else "WARNING: not all acked")
     for cell_id, reasons in rejected.items():
         if reasons:
             listed = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
             print(f"rejected frames on {cell_id} (counted, never published): {listed}")
+    if readings:
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(readings.items()))
+        print(f"host probe readings published as host.v1.* events: {listed}")
     reports = await collect_reports(
         url,
         trust={signer.kid: signer.public_raw},

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from probes.scheduler import ProbeScheduler, probes_for
 from producer.aio import cancel_and_wait
 from producer.chain.cell import CellRuntime, CellSettings
 from producer.chain.events import ChainContext, Rfc3339Clock
@@ -60,6 +61,7 @@ class Registry:
         mono: Callable[[], float] = time.monotonic,
         lookup: SupersedesLookup | None = None,
         on_stats: StatsHook | None = None,
+        probes: ProbeScheduler | None = None,
     ) -> None:
         self.config = config
         self.cells: dict[str, CellRuntime] = {}
@@ -71,6 +73,7 @@ class Registry:
         self._mono = mono
         self._lookup = lookup
         self._on_stats = on_stats
+        self.probes = probes
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._settings = CellSettings(
@@ -138,6 +141,8 @@ class Registry:
                 self.cells[spec.cell_id] = cell
                 if self._vsock is not None and spec.vsock_cid is not None:
                     self._vsock.by_cid[spec.vsock_cid] = cell.listener
+                if self.probes is not None:
+                    self.probes.add_cell(spec.cell_id, probes_for(spec))
         except BaseException:
             sock.close()
             _remove_socket(path)
@@ -281,7 +286,7 @@ class Registry:
             cell = self.cells.pop(cell_id, None)
             if cell is None:
                 raise RegistrationError(cell_id, "not registered")
-            self._forget_vsock(cell)
+            await self._unserve(cell)
             await cell.seal(reason, grace_s=grace_s)
             _remove_socket(cell.socket_path)
         event(log, logging.INFO, "cell_sealed", reason=reason, **cell.snapshot())
@@ -293,7 +298,7 @@ class Registry:
         deadline = loop.time() + grace_s
         async with self._lock:
             for cell in list(self.cells.values()):
-                self._forget_vsock(cell)
+                await self._unserve(cell)
                 await cell.suspend(grace_s=max(0.0, deadline - loop.time()))
                 _remove_socket(cell.socket_path)
                 event(log, logging.INFO, "cell_suspended", **cell.snapshot())
@@ -305,9 +310,12 @@ class Registry:
         for cell in self.cells.values():
             cell.rekey(signer)
 
-    def _forget_vsock(self, cell: CellRuntime) -> None:
+    async def _unserve(self, cell: CellRuntime) -> None:
+        """Stop routing to the cell: its vsock CID and its probes."""
         if self._vsock is not None and cell.spec.vsock_cid is not None:
             self._vsock.by_cid.pop(cell.spec.vsock_cid, None)
+        if self.probes is not None:
+            await self.probes.remove_cell(cell.cell_id)
 
     # -- periodic duties --------------------------------------------------------------------
 

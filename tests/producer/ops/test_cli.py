@@ -915,6 +915,15 @@ async def test_demo_embedded(short_dir: Path) -> None:
     assert "DEMO OK" in res.out, res
     assert len(re.findall(r"^OK .* sealed$", res.out, re.MULTILINE)) == 2, res
     assert "2 chain(s), 2 verified, 0 failed" in res.out
+    # As root (as here and in CI) the demo gives its cells real host objects to probe.
+    probes = re.search(r"^host probe readings published as host.v1.\* events: (.*)$", res.out, re.M)
+    assert probes, res
+    assert {kv.split("=")[0] for kv in probes[1].split(", ")} == {
+        "cgroup",
+        "fc_metrics",
+        "nftables",
+        "tap_link",
+    }, res
     (data_dir,) = _demo_dirs(short_dir)
     assert (data_dir / "trust.json").is_file()
     assert not _procs_mentioning(str(data_dir)), "embedded nats-server left running"
