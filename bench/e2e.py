@@ -54,6 +54,7 @@ from producer.ops.config import (
     CellSpec,
     Config,
     LogConfig,
+    MetricsConfig,
     NatsConfig,
     QueueConfig,
     SigningConfig,
@@ -331,6 +332,7 @@ def bench_config(
         ),
         signing=SigningConfig(key_file=key_file, mode=mode),  # type: ignore[arg-type]
         queue=QueueConfig(max_events=queue),
+        metrics=MetricsConfig(listen=""),
         log=LogConfig(level="warning"),
         cells=tuple(specs),
     )

@@ -52,6 +52,7 @@ from probes.nftables import NftablesProbe
 from probes.tap_link import TapLinkProbe
 from producer.aio import cancel_and_wait
 from producer.ops.logs import event, get_logger
+from producer.stats import Histogram
 
 __all__ = ["Dispatch", "ProbeScheduler", "ProbeStats", "ProbeTargets", "probes_for"]
 
@@ -59,6 +60,7 @@ Dispatch = Callable[[str, ProbeReading], Awaitable[bool]]
 """``dispatch(cell_id, reading) -> accepted``; False means backpressure."""
 
 _LOG: Final = get_logger(__name__)
+DURATION_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _KINDS: Final[tuple[tuple[type[ProbeError], str], ...]] = (
     (PlatformUnsupported, "unsupported"),
     (Io, "io"),
@@ -117,6 +119,8 @@ class ProbeStats:
     """Failed readings by kind."""
     consecutive_failures: int = 0
     """Failed readings since the last success; non-zero while the probe is failing."""
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS_S))
+    """How long readings took, whatever their outcome (a timeout counts its full wait)."""
 
 
 class _ReadTimedOutError(Exception):
@@ -227,6 +231,7 @@ class ProbeScheduler:
 
     async def _take(self, ctx: ProbeContext, probe: Probe, stats: ProbeStats) -> None:
         async with self._slots:
+            started = self._clock()
             try:
                 reading = await self._bounded(probe.read(ctx))
             except _ReadTimedOutError:
@@ -239,6 +244,8 @@ class ProbeScheduler:
             except Exception as exc:
                 self._failed(ctx, probe, stats, "error", {"error": repr(exc)})
                 return
+            finally:
+                stats.duration.observe(self._clock() - started)
         try:
             accepted = await self._dispatch(ctx.cell_id, reading)
         except Exception as exc:

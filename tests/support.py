@@ -55,6 +55,8 @@ def make_config(
         "data_dir": os.path.dirname(key_file),
         "nats": {"url": url, **sections.pop("nats", {})},
         "signing": {"key_file": key_file, **sections.pop("signing", {})},
+        # Tests run side by side: never the fixed default port.
+        "metrics": {"listen": "127.0.0.1:0", **sections.pop("metrics", {})},
         "cells": [msgspec.to_builtins(c) for c in cells],
         **sections,
     }

@@ -39,6 +39,7 @@ from producer.delivery.spool import ChainState, Loss, Spool
 from producer.guest.listener import CellListener
 from producer.guest.wire import BodyError, FramingError
 from producer.ops.config import CellSpec
+from producer.ops.logs import event
 from schemas.wire import Declaration
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,12 @@ class CellCounters:
     host_events: int = 0
     signed: int = 0
     dropped_full: int = 0
+    silenced: int = 0
+    framing_closed: int = 0
     connections_opened: int = 0
     connections_open: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    """Events sealed by type (the last token: ``process_spawned``, ``checkpoint``...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ class CellSettings:
     checkpoint_interval_s: float
     silence_window_ms: int
     drop_newest: bool
+    frame_timeout_s: float = 5.0
+    log_interval_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -145,6 +152,8 @@ class CellRuntime:
         self._head_noted_s = -HEAD_INTERVAL_S
         self.ticks = 0
         """Periodic duties run so far (the silence watchdog looks at every one)."""
+        self._logged_s = now
+        self._logged: tuple[int, int, int] = (0, 0, 0)
         self.closing = False
         """Set when the chain is being sealed or suspended: from then on no frame is taken."""
 
@@ -173,11 +182,10 @@ class CellRuntime:
         return self._flush()
 
     def on_framing_error(self, error: FramingError) -> None:
+        # Counted; logged with the others once per interval (a hostile guest must not be
+        # able to flood the log one connection at a time).
         self.counters.rejected[error.reason] += 1
-        log.info(
-            "guest_connection_closed_framing",
-            extra={"fields": {"cell_id": self.cell_id, "reason": error.reason}},
-        )
+        self.counters.framing_closed += 1
 
     def on_connection(self, opened: bool) -> None:
         if opened:
@@ -205,6 +213,7 @@ class CellRuntime:
             self._head_noted_s = now_s
         self._spool.append_event(self.chain, sealed, flags, pending.subject, str(event["time"]))
         self._count(sign)
+        self.counters.by_type[str(event["type"]).rsplit(".", 1)[1]] += 1
 
     def _seal_guest(self, frame: GuestFrame, *, last_in_batch: bool, now_s: float) -> None:
         """The hot path: a guest event sealed from the chain's template, no dict built."""
@@ -223,6 +232,7 @@ class CellRuntime:
             self._head_noted_s = now_s
         self._spool.append_event(self.chain, sealed, flags, guest.subject(decl), at)
         self._count(sign)
+        self.counters.by_type[decl.probe_source] += 1
 
     def _count(self, signed: bool) -> None:
         self.counters.events += 1
@@ -411,6 +421,9 @@ class CellRuntime:
             return
         self.ticks += 1
         now_s = self._mono()
+        self.listener.expire_slow(self._settings.frame_timeout_s)
+        if now_s - self._logged_s >= self._settings.log_interval_s:
+            self._log_guest_trouble(now_s)
         if self.listener.paused or self._batch:
             # Our own backpressure holds the guest's frames unread: it is not silent.
             self._last_frame_s = now_s
@@ -418,6 +431,7 @@ class CellRuntime:
         silent_ms = int((now_s - self._last_frame_s) * 1000)
         if not self._silenced and silent_ms > window_ms:
             self._silenced = True  # at most once per chain
+            self.counters.silenced += 1
             await self.emit(
                 silenced_event(
                     self.ctx,
@@ -434,6 +448,26 @@ class CellRuntime:
             await self._spool.wait_for_space()
             if not self.closing:
                 self._checkpoint(self._mono())
+
+    def _log_guest_trouble(self, now_s: float) -> None:
+        """One line per interval with what hostile or broken guests cost this cell since
+        the last one: refused connections, framing errors, frame deadlines."""
+        self._logged_s = now_s
+        seen = (self.listener.refused, self.counters.framing_closed, self.listener.expired)
+        refused, framing, expired = (a - b for a, b in zip(seen, self._logged, strict=True))
+        self._logged = seen
+        if refused or framing or expired:
+            event(
+                log,
+                logging.WARNING,
+                "guest_connection_trouble",
+                cell_id=self.cell_id,
+                refused=refused,
+                closed_on_framing_error=framing,
+                closed_on_frame_deadline=expired,
+                rejected_by_reason=dict(self.counters.rejected),
+                connection_limit=self.listener.max_connections,
+            )
 
     async def _stop_reading(self, grace_s: float) -> None:
         """Close the listener and spool what was already read. A spool that is full by its

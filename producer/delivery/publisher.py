@@ -276,6 +276,11 @@ class Publisher:
     # -- submission ------------------------------------------------------------------------
 
     @property
+    def inflight(self) -> int:
+        """Messages on the wire awaiting their PubAck."""
+        return len(self._inflight)
+
+    @property
     def backlog(self) -> int:
         """Messages accepted but not yet acked (queued, in flight or waiting to retry)."""
         return len(self._pending) + len(self._retry) + len(self._inflight) + len(self._held)

@@ -137,6 +137,8 @@ class SpooledEvent:
     flags: int
     subject: str
     payload: bytes
+    appended_at: float = 0.0
+    """Monotonic time it was spooled by this process (0: read back from disk)."""
 
 
 @dataclass(slots=True)
@@ -545,7 +547,10 @@ class Spool:
             seg.first_at = self._wall()
         payload = sealed.payload
         data = rec.encode_event(chain.idx, sequence, flags, subject, payload)
-        self._append(data, SpooledEvent(seg.index, chain, sequence, flags, subject, payload))
+        spooled = SpooledEvent(
+            seg.index, chain, sequence, flags, subject, payload, time.monotonic()
+        )
+        self._append(data, spooled)
         self.stats.appended += 1
 
     def _append(self, data: bytes, spooled: SpooledEvent | None) -> None:

@@ -55,6 +55,8 @@ class GuestConnection(asyncio.Protocol):
         self._reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self._dead = False
+        self.partial_since: float | None = None
+        """Loop time the incomplete frame now buffered began (None: between frames)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = self.transport = cast(asyncio.Transport, transport)
@@ -79,8 +81,19 @@ class GuestConnection(asyncio.Protocol):
         except FramingError as exc:
             self._fail(exc)
             return
+        if not self._reader.buffered:
+            self.partial_since = None
+        elif outcomes or self.partial_since is None:
+            self.partial_since = self._listener.now()
         if outcomes and not self._handler.on_outcomes(outcomes):
             self._listener.pause()
+
+    def expire(self) -> None:
+        """The incomplete frame outlived the frame deadline: close this connection."""
+        self._dead = True
+        self.partial_since = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def eof_received(self) -> bool | None:
         if not self._dead:
@@ -112,6 +125,7 @@ class CellListener:
         self.max_connections = max_connections
         self.connections: set[GuestConnection] = set()
         self.refused = 0
+        self.expired = 0
         self.paused = False
         self.closed = False
         self._server: asyncio.AbstractServer | None = None
@@ -120,14 +134,26 @@ class CellListener:
         if self.closed:
             return False  # accepted in the instant before close(): the cell is sealing
         if len(self.connections) >= self.max_connections:
-            self.refused += 1
-            log.warning(
-                "guest_connection_refused",
-                extra={"fields": {"cell_id": self.handler.cell_id, "limit": self.max_connections}},
-            )
+            self.refused += 1  # logged with counts by the cell, not once per connection
             return False
         self.connections.add(conn)
         return True
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def expire_slow(self, timeout_s: float) -> int:
+        """Close every connection whose incomplete frame began more than ``timeout_s``
+        ago (a guest trickling bytes to hold a slot); how many were closed."""
+        cutoff = self.now() - timeout_s
+        slow = [
+            c for c in self.connections if c.partial_since is not None and c.partial_since < cutoff
+        ]
+        for conn in slow:
+            conn.expire()
+        self.expired += len(slow)
+        return len(slow)
 
     def forget(self, conn: GuestConnection) -> bool:
         if conn in self.connections:

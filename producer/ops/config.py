@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ListenerConfig",
     "LogConfig",
+    "MetricsConfig",
     "NatsConfig",
     "ProbesConfig",
     "QueueConfig",
@@ -207,6 +208,21 @@ class ListenerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             "cell via `cells[].vsock_cid`."
         ),
     ] = False
+    frame_timeout_s: Annotated[
+        float,
+        _doc(
+            "A frame must be complete this many seconds after its first byte arrived, or "
+            "its connection is closed and counted: a guest sending one byte a second cannot "
+            "hold a connection slot."
+        ),
+    ] = 5.0
+    log_interval_s: Annotated[
+        float,
+        _doc(
+            "Refused connections, framing errors and frame deadlines are logged once per "
+            "cell per interval, with counts, not once per connection."
+        ),
+    ] = 10.0
     vsock_port: Annotated[int, _doc("AF_VSOCK port to listen on when `vsock` is true.")] = (
         GUEST_PORT
     )
@@ -311,6 +327,25 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ] = 10.0
 
 
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Prometheus metrics and health endpoints."""
+
+    listen: Annotated[
+        str,
+        _doc(
+            "`host:port` serving `/metrics` (Prometheus text format), `/healthz` and "
+            '`/readyz`; `""` turns the listener off; port 0 lets the system choose.'
+        ),
+    ] = "127.0.0.1:9464"
+    max_cell_labels: Annotated[
+        int,
+        _doc(
+            "Cells exported with their own `cell` label (in cell id order); the counts of "
+            'any further cells are summed under `cell="_other"`, so series stay bounded.'
+        ),
+    ] = 1000
+
+
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Operational logs (not telemetry)."""
 
@@ -389,6 +424,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     probes: ProbesConfig = msgspec.field(default_factory=ProbesConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cells: Annotated[
         tuple[CellSpec, ...],
@@ -644,6 +680,7 @@ def _check(config: Config) -> None:
     _check_probes(config.probes)
     _positive(config.queue.max_events, "queue.max_events")
     _check_spool(config.spool)
+    _check_metrics(config.metrics)
     _check_cells(config.cells, config.listener.port)
 
 
@@ -719,6 +756,18 @@ def _check_listener(listener: ListenerConfig) -> None:
         if not 1 <= port < _VSOCK_ANY:
             raise ConfigError(key, f"{port} is not a vsock port (1 to 4294967294)")
     _positive(listener.max_connections_per_cell, "listener.max_connections_per_cell")
+    _positive(listener.frame_timeout_s, "listener.frame_timeout_s")
+    _positive(listener.log_interval_s, "listener.log_interval_s")
+
+
+def _check_metrics(metrics: MetricsConfig) -> None:
+    if metrics.listen:
+        host, sep, port = metrics.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(
+                "metrics.listen", f'{metrics.listen!r} is not host:port (or "" for off)'
+            )
+    _positive(metrics.max_cell_labels, "metrics.max_cell_labels")
 
 
 def _check_spool(spool: SpoolConfig) -> None:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import msgspec
+from aiohttp import web
 from nats.js import JetStreamContext
 
 from audit.digest import digest_of, format_sequence
@@ -45,12 +46,14 @@ from producer.delivery.publisher import (
 )
 from producer.delivery.spool import Spool, SpooledEvent, SpoolOptions
 from producer.delivery.stream import StreamCheck, ensure_stream
-from producer.errors import BrokerError, ProducerError
+from producer.errors import BrokerError, ConfigError, ProducerError
 from producer.guest.listener import VsockRouter
 from producer.ops.config import CellSpec, Config
 from producer.ops.embedded import EmbeddedNats
 from producer.ops.logs import event
+from producer.ops.metrics import serve_metrics
 from producer.ops.registry import Registry
+from producer.stats import Histogram
 from schemas.heads import ChainHead
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,22 @@ def make_policy(config: Config, signer: Signer) -> SigningPolicy:
     )
 
 
+PUBLISH_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 STREAM_RECHECK_S = 5.0
 """Publishes answered "no stream" re-check the stream at most this often."""
 
@@ -105,6 +124,8 @@ class Producer:
         self.vsock: VsockRouter | None = None
         self.heads: HeadRecorder | None = None
         self.probes: ProbeScheduler | None = None
+        self.publish_latency = Histogram(PUBLISH_LATENCY_BUCKETS_S)
+        """Spooled to acknowledged, per event (events read back from disk excluded)."""
         self._wall = Rfc3339Clock()
         self.nats_url = config.nats.url or ""
         self.fatal: BaseException | None = None
@@ -114,6 +135,7 @@ class Producer:
         self._broker_ready = asyncio.Event()
         self._stream_checked_at = -STREAM_RECHECK_S
         self._stop = asyncio.Event()
+        self._metrics: web.AppRunner | None = None
         self._started = False
         self._shutdown_done = False
 
@@ -156,6 +178,15 @@ class Producer:
         )
         specs, sources = self._registrations()
         socks = registry.bind_all(specs)
+        if cfg.metrics.listen:
+            try:
+                self._metrics = await serve_metrics(
+                    self, cfg.metrics.listen, max_cell_labels=cfg.metrics.max_cell_labels
+                )
+            except OSError as exc:
+                for sock in socks:
+                    sock.close()
+                raise ConfigError("metrics.listen", f"cannot listen: {exc.strerror}") from exc
         self.publisher = Publisher(
             PublisherOptions(
                 url=self.nats_url,
@@ -349,6 +380,19 @@ class Producer:
             "reason": "state_lost",
         }
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served (the port the OS chose for a configured port 0)."""
+        if self._metrics is None or not self._metrics.addresses:
+            return None
+        host, port = self._metrics.addresses[0][:2]
+        return str(host), int(port)
+
+    @property
+    def started(self) -> bool:
+        """Startup finished: key loaded, spool recovered, every configured cell served."""
+        return self._started
+
     # -- delivery ---------------------------------------------------------------------------
 
     def _deliver(self, spooled: SpooledEvent) -> bool:
@@ -371,6 +415,8 @@ class Producer:
         spooled: SpooledEvent = msg.ref
         assert self.spool is not None
         self.spool.acked(spooled)
+        if spooled.appended_at:
+            self.publish_latency.observe(time.monotonic() - spooled.appended_at)
         if spooled.flags & rec.NOTE_HEAD and self.heads is not None:
             ident = spooled.chain.identity
             type_ = _type_decoder.decode(spooled.payload).type
@@ -484,6 +530,8 @@ class Producer:
             await self.registry.suspend_all(grace_s=grace / 2)
         if self.probes is not None:
             await self.probes.close()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
         if self.vsock is not None:
             await self.vsock.close()
         drained = True

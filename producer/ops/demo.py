@@ -27,6 +27,7 @@ from producer.ops.config import (
     ChainConfig,
     Config,
     LogConfig,
+    MetricsConfig,
     NatsConfig,
     ProbesConfig,
     SigningConfig,
@@ -88,6 +89,7 @@ def demo_config(
         chain=ChainConfig(checkpoint_every=200, checkpoint_interval_s=5.0),
         silence=SilenceConfig(window_ms=10_000),
         probes=ProbesConfig(interval_s=2.0, timeout_s=1.0),
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
         log=LogConfig(level="warning"),
         cells=tuple(cells),
     )
@@ -180,6 +182,9 @@ async def run_demo(opts: DemoOptions) -> int:
         await producer.startup()
         assert producer.registry is not None
         print(f"signing key {signer.kid}, mode {opts.mode}; {opts.cells} cells registered")
+        if producer.metrics_address is not None:
+            host, port = producer.metrics_address
+            print(f"metrics: http://{host}:{port}/metrics (health: /healthz, /readyz)")
         cells = list(producer.registry.cells.values())
         for i, cell in enumerate(cells):
             guests.append(

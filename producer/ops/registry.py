@@ -24,7 +24,7 @@ import msgspec
 
 from probes.scheduler import ProbeScheduler, probes_for
 from producer.aio import cancel_and_wait
-from producer.chain.cell import CellRuntime, CellSettings
+from producer.chain.cell import CellCounters, CellRuntime, CellSettings
 from producer.chain.events import ChainContext, Rfc3339Clock
 from producer.chain.signing import Signer
 from producer.chain.signpolicy import SigningPolicy
@@ -74,6 +74,8 @@ class Registry:
         self._lookup = lookup
         self._on_stats = on_stats
         self.probes = probes
+        self.retired = CellCounters()
+        """Counters of cells no longer served, so process-wide totals never go back."""
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._settings = CellSettings(
@@ -83,6 +85,8 @@ class Registry:
             checkpoint_interval_s=config.chain.checkpoint_interval_s,
             silence_window_ms=config.silence.window_ms,
             drop_newest=config.spool.full_policy == "drop_newest",
+            frame_timeout_s=config.listener.frame_timeout_s,
+            log_interval_s=config.listener.log_interval_s,
         )
 
     # -- registration -----------------------------------------------------------------------
@@ -311,7 +315,11 @@ class Registry:
             cell.rekey(signer)
 
     async def _unserve(self, cell: CellRuntime) -> None:
-        """Stop routing to the cell: its vsock CID and its probes."""
+        """Stop routing to the cell (its vsock CID, its probes); keep its totals."""
+        retired, c = self.retired, cell.counters
+        retired.signed += c.signed
+        retired.silenced += c.silenced
+        retired.by_type.update(c.by_type)
         if self._vsock is not None and cell.spec.vsock_cid is not None:
             self._vsock.by_cid.pop(cell.spec.vsock_cid, None)
         if self.probes is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -536,3 +537,47 @@ async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats)
         assert pub.stats.error_replies > 0 and pub.stats.acked == 0
     finally:
         await pub.close()
+
+
+async def test_slow_loris_guests_cannot_hold_a_cells_connection_slots(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="producer")
+    listener = {"max_connections_per_cell": 4, "frame_timeout_s": 0.5, "log_interval_s": 0.5}
+    async with running_producer(nats_server.url, listener=listener) as (p, signer, _):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+
+        async def trickle() -> None:
+            # A frame header promising 100 bytes, then one byte at a time, forever.
+            _, writer = await asyncio.open_unix_connection(cell.socket_path)
+            writer.write((100).to_bytes(4, "little"))
+            with contextlib.suppress(OSError):
+                while True:
+                    await asyncio.sleep(0.1)
+                    writer.write(b"\xa5")
+                    await writer.drain()
+
+        slow = [asyncio.create_task(trickle()) for _ in range(4)]
+        await eventually(lambda: cell.counters.connections_open == 4)
+
+        async def agent() -> None:
+            # The real agent retries until a slot is free, as the guest agent does.
+            while cell.counters.accepted < 20:
+                with contextlib.suppress(OSError):
+                    await run_guest(cell.socket_path, rate=0, count=20, seed=5)
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(agent(), 30)
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        assert cell.listener.expired >= 4
+        await eventually(
+            lambda: any(r.msg == "guest_connection_trouble" for r in caplog.records), timeout=10
+        )
+        report, _ = await seal_and_verify(p, nats_server.url, signer)
+    assert report.ok, report.problems
+    trouble = [r for r in caplog.records if r.msg == "guest_connection_trouble"]
+    # Summarised per interval, not one line per refused or expired connection.
+    assert len(trouble) < cell.listener.refused + cell.listener.expired

@@ -175,6 +175,7 @@ def _config_text(
         'host_id = "cli-test-host"\n'
         f'data_dir = "{data_dir}"\n'
         f"{nats_table}"
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
         f'[signing]\nkey_file = "{key_file}"\n'
         "[[cells]]\n"
         f'cell_id = "{cell_id}"\n'

@@ -38,6 +38,7 @@ async def test_no_nats_url_runs_the_embedded_server_under_data_dir() -> None:
                 "host_id": "h",
                 "data_dir": f"{base}/data",
                 "signing": {"key_file": f"{base}/k"},
+                "metrics": {"listen": ""},
                 "cells": [msgspec.to_builtins(cell_spec(base, 1))],
             },
             Config,
