@@ -183,8 +183,8 @@ async def run_demo(opts: DemoOptions) -> int:
         assert producer.registry is not None
         print(f"signing key {signer.kid}, mode {opts.mode}; {opts.cells} cells registered")
         if producer.metrics_address is not None:
-            host, port = producer.metrics_address
-            print(f"metrics: http://{host}:{port}/metrics (health: /healthz, /readyz)")
+            address, port = producer.metrics_address
+            print(f"metrics: http://{address}:{port}/metrics (health: /healthz, /readyz)")
         cells = list(producer.registry.cells.values())
         for i, cell in enumerate(cells):
             guests.append(
