@@ -32,11 +32,20 @@ class KeyFileError(ProducerError):
 
 
 class RegistrationError(ProducerError):
-    """A cell registration was refused (bad id, duplicate, socket cannot be bound)."""
+    """A cell registration was refused (bad id, duplicate, socket cannot be bound).
 
-    def __init__(self, cell_id: str, reason: str) -> None:
+    ``field`` names the registration field at fault when one is (``vsock_uds_base``);
+    ``conflict`` says the request is fine but clashes with what is registered or sealed
+    (HTTP 409 rather than 400 on the control API).
+    """
+
+    def __init__(
+        self, cell_id: str, reason: str, *, field: str | None = None, conflict: bool = False
+    ) -> None:
         self.cell_id = cell_id
         self.reason = reason
+        self.field = field
+        self.conflict = conflict
         super().__init__(f"cell {cell_id!r}: {reason}")
 
 

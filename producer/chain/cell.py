@@ -161,6 +161,11 @@ class CellRuntime:
     def sealed(self) -> bool:
         return self.chain.sealed
 
+    @property
+    def last_frame_at(self) -> str | None:
+        """Host time of the last good frame (None: none since this process serves it)."""
+        return self._last_frame_at
+
     # -- FrameHandler ----------------------------------------------------------------------
 
     def on_outcomes(self, outcomes: list[Declaration | BodyError]) -> bool:

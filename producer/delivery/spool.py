@@ -260,6 +260,7 @@ class Spool:
         self._space = asyncio.Event()
         self._space.set()
         self._unacked = 0
+        self._chain_waiters: dict[int, asyncio.Event] = {}
         self._empty = asyncio.Event()
         self._empty.set()
         self._deletable: set[int] = set()
@@ -812,6 +813,9 @@ class Spool:
             if later is not None and not later:
                 del self._out_of_order[chain.idx]
             self._ack_dirty[chain.idx] = chain.acked_seq
+            waiter = self._chain_waiters.get(chain.idx)
+            if waiter is not None and chain.acked_seq >= chain.sequence:
+                waiter.set()
         elif sequence > chain.acked_seq:
             self._out_of_order.setdefault(chain.idx, set()).add(sequence)
         now = time.monotonic()
@@ -965,6 +969,17 @@ class Spool:
     async def wait_empty(self, timeout_s: float | None) -> bool:
         """Wait until every spooled event is acknowledged; False if ``timeout_s`` ran out."""
         return await wait_set(self._empty, timeout_s)
+
+    async def wait_acked(self, chain: ChainState, timeout_s: float) -> bool:
+        """Wait until every event of ``chain`` spooled so far is acknowledged; False if
+        ``timeout_s`` ran out first."""
+        if chain.acked_seq >= chain.sequence:
+            return True
+        waiter = self._chain_waiters.setdefault(chain.idx, asyncio.Event())
+        try:
+            return await wait_set(waiter, timeout_s)
+        finally:
+            self._chain_waiters.pop(chain.idx, None)
 
     def oldest_unacked_at(self) -> float:
         """Wall time the oldest unacknowledged event was spooled (now, if none is)."""

@@ -204,16 +204,28 @@ def bind_unix_socket(path: str, *, mode: int, cell_id: str) -> socket.socket:
     """
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise RegistrationError(cell_id, f"socket directory {parent} does not exist")
+        raise RegistrationError(
+            cell_id, f"socket directory {parent} does not exist", field="vsock_uds_base"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise RegistrationError(cell_id, f"{path} exists and is not a socket; not replacing")
+            raise RegistrationError(
+                cell_id,
+                f"{path} exists and is not a socket; not replacing",
+                field="vsock_uds_base",
+                conflict=True,
+            )
         if _someone_listens(path):
-            raise RegistrationError(cell_id, f"{path} is in use by a live listener")
+            raise RegistrationError(
+                cell_id,
+                f"{path} is in use by a live listener",
+                field="vsock_uds_base",
+                conflict=True,
+            )
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -224,7 +236,9 @@ def bind_unix_socket(path: str, *, mode: int, cell_id: str) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise RegistrationError(cell_id, f"cannot bind {path}: {exc.strerror}") from exc
+        raise RegistrationError(
+            cell_id, f"cannot bind {path}: {exc.strerror}", field="vsock_uds_base"
+        ) from exc
     finally:
         os.umask(old_umask)
     return sock

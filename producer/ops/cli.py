@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+
+import msgspec
 
 from audit.errors import AuditError, TrustFileError
 from producer import __version__
@@ -20,7 +23,9 @@ from producer.errors import (
     RegistrationError,
     SpoolError,
 )
+from producer.ops.config import CellSpec, field_help
 
+DEFAULT_CONTROL_SOCKET = "/var/lib/cellos-producer/control.sock"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -123,6 +128,40 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--config", "-c", metavar="FILE", help="read data_dir from this config")
     spool.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    cell = sub.add_parser(
+        "cell",
+        help="register, deregister, list or show cells through the running daemon",
+        description=(
+            "Talk to the daemon's control API (its Unix socket). 'add' answers once the cell's "
+            "socket is bound, so the VM may boot right after; 'remove' seals the chain."
+        ),
+    )
+    cell_sub = cell.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = cell_sub.add_parser("add", help="register a cell (its socket is bound on return)")
+    for field in msgspec.structs.fields(CellSpec):
+        flag = "--" + field.name.replace("_", "-")
+        kind = int if field.name == "vsock_cid" else str
+        add.add_argument(
+            flag,
+            dest=field.name,
+            type=kind,
+            required=field.required,
+            metavar=field.name.upper(),
+            help=field_help(CellSpec, field.name),
+        )
+    remove = cell_sub.add_parser("remove", help="deregister a cell: seal its chain")
+    remove.add_argument("cell_id", metavar="CELL_ID", help="the cell to deregister")
+    cell_sub.add_parser("list", help="the cells being served")
+    show = cell_sub.add_parser("show", help="one cell: counters, chain head, probes")
+    show.add_argument("cell_id", metavar="CELL_ID", help="the cell to show")
+    status = sub.add_parser(
+        "status",
+        help="broker connection, backlog, spool and cells of the running daemon",
+        description="Ask the running daemon, over its control socket, how it is doing.",
+    )
+    for command in (add, remove, cell_sub.choices["list"], show, status):
+        _control_options(command)
+
     verify = sub.add_parser(
         "verify",
         help="read chains back from JetStream and verify them (exit 1 on failure)",
@@ -139,6 +178,19 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--subject-prefix", default="cellos.telemetry")
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
+
+
+def _control_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help=f"the daemon's control socket (default: {DEFAULT_CONTROL_SOCKET})",
+    )
+    where.add_argument(
+        "--config", "-c", metavar="FILE", help="find the control socket from this config"
+    )
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,10 +300,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_spool(args: argparse.Namespace) -> int:
-    import os
-
-    import msgspec
-
     from producer.delivery.inspect import inspect_spool
     from producer.ops.config import load_config
 
@@ -287,8 +335,81 @@ def _cmd_spool(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _control_socket(args: argparse.Namespace) -> str:
+    if args.control_socket:
+        return str(args.control_socket)
+    if args.config:
+        from producer.ops.config import load_config
+
+        config = load_config(args.config)
+        if config.control.socket == "":
+            raise ConfigError("control.socket", "the control API is turned off in this config")
+        return config.control.socket or os.path.join(config.data_dir, "control.sock")
+    return DEFAULT_CONTROL_SOCKET
+
+
+def _cmd_cell(args: argparse.Namespace) -> int:
+    from producer.ops.control_client import request
+
+    socket = _control_socket(args)
+    if args.action == "add":
+        body = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(CellSpec)}
+        body = {k: v for k, v in body.items() if v is not None}
+        status, answer = asyncio.run(request(socket, "POST", "/v1/cells", body))
+        verb = "registered" if status == 201 else "already registered"
+    elif args.action == "remove":
+        status, answer = asyncio.run(request(socket, "DELETE", f"/v1/cells/{args.cell_id}"))
+        verb = "sealed" if status == 200 else "sealed, still draining to JetStream"
+    elif args.action == "show":
+        _, answer = asyncio.run(request(socket, "GET", f"/v1/cells/{args.cell_id}"))
+        verb = ""
+    else:
+        _, answer = asyncio.run(request(socket, "GET", "/v1/cells"))
+        verb = ""
+    if args.json or args.action == "show":
+        print(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
+    elif args.action == "list":
+        for c in answer["cells"]:
+            print(
+                f"{c['cell_id']} run={c['run_id']} chain={c['chain_id']} {c['state']} "
+                f"seq={c['sequence']} acked={c['acked_sequence']} "
+                f"frames={c['counters']['frames_accepted']} last_frame={c['last_frame_at']}"
+            )
+        print(f"{len(answer['cells'])} cell(s)")
+    else:
+        print(
+            f"{verb}: cell {answer['cell_id']} run {answer['run_id']} chain {answer['chain_id']}"
+            f" socket {answer['socket_path']}"
+        )
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from producer.ops.control_client import request
+
+    _, answer = asyncio.run(request(_control_socket(args), "GET", "/v1/status"))
+    if args.json:
+        print(msgspec.json.encode(answer).decode())
+        return EXIT_OK
+    spool = answer["spool"]
+    print(f"cellos-producer {answer['version']} on {answer['host_id']}")
+    print(f"  broker: {'connected' if answer['broker_connected'] else 'NOT connected'}")
+    print(
+        f"  cells: {answer['cells']}, open chains: {answer['chains_open']}, "
+        f"draining: {answer['chains_draining']}"
+    )
+    print(
+        f"  spool: {spool['events']} event(s) waiting, {spool['bytes']} bytes, oldest "
+        f"{spool['oldest_age_s']} s{', FULL' if spool['full'] else ''}; "
+        f"publish backlog {answer['publish_backlog']}"
+    )
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": _cmd_run,
+    "cell": _cmd_cell,
+    "status": _cmd_status,
     "spool": _cmd_spool,
     "demo": _cmd_demo,
     "keygen": _cmd_keygen,

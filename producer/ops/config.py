@@ -38,6 +38,7 @@ __all__ = [
     "CellSpec",
     "ChainConfig",
     "Config",
+    "ControlConfig",
     "ListenerConfig",
     "LogConfig",
     "MetricsConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "SpoolConfig",
     "cell_problem",
     "config_reference",
+    "field_help",
     "load_config",
     "socket_path",
     "validate_cell",
@@ -77,6 +79,8 @@ _SUN_PATH_MAX: Final = 107
 _VSOCK_ANY: Final = 0xFFFFFFFF
 _FIRST_GUEST_CID: Final = 3
 _MODE_MAX: Final = 0o777
+_OCTAL_SECTIONS: Final = ("listener", "control")
+_OCTAL_KEYS: Final = frozenset(f"{section}.socket_mode" for section in _OCTAL_SECTIONS)
 _MIN_SEGMENT: Final = 64 * 1024
 _MAX_REPLICAS: Final = 5
 _OTHER_WRITE: Final = 0o002
@@ -327,6 +331,32 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ] = 10.0
 
 
+class ControlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The control API a supervisor uses to register cells (HTTP/JSON on a Unix socket)."""
+
+    socket: Annotated[
+        str | None,
+        _doc(
+            'Absolute path of the control socket. Unset: `<data_dir>/control.sock`; `""` '
+            "turns the control API off."
+        ),
+    ] = None
+    socket_mode: Annotated[
+        int,
+        _doc(
+            "Permission bits of the control socket (as `listener.socket_mode`): whoever "
+            "can write to it can register and deregister cells."
+        ),
+    ] = 0o600
+    owner: Annotated[
+        str | None, _doc("User (name or uid) to own the control socket. Unset: unchanged.")
+    ] = None
+    group: Annotated[
+        str | None,
+        _doc("Group (name or gid) of the control socket, e.g. the supervisor's. Unset: unchanged."),
+    ] = None
+
+
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Prometheus metrics and health endpoints."""
 
@@ -425,6 +455,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cells: Annotated[
         tuple[CellSpec, ...],
@@ -523,7 +554,7 @@ def validate_cell(spec: CellSpec, *, port: int = GUEST_PORT) -> None:
     problem = cell_problem(spec, port)
     if problem is not None:
         field, reason = problem
-        raise RegistrationError(str(spec.cell_id), f"{field}: {reason}")
+        raise RegistrationError(str(spec.cell_id), f"{field}: {reason}", field=field)
 
 
 # --------------------------------------------------------------------------- loading
@@ -548,9 +579,10 @@ def load_config(
     Raises :class:`ConfigError` naming the first bad key.
     """
     raw = _read_toml(path) if path is not None else {}
-    listener = raw.get("listener")
-    if isinstance(listener, dict) and isinstance(listener.get("socket_mode"), str):
-        listener["socket_mode"] = _parse_octal("listener.socket_mode", listener["socket_mode"])
+    for section in _OCTAL_SECTIONS:
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get("socket_mode"), str):
+            table["socket_mode"] = _parse_octal(f"{section}.socket_mode", table["socket_mode"])
     environ: Mapping[str, str] = os.environ if env is None else env
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
@@ -608,7 +640,7 @@ def _apply(raw: dict[str, Any], dotted: str, value: Any, *, source: str | None) 
     if tp is None:
         raise ConfigError(key, f"{source} names no configuration key" if source else "unknown key")
     origin = f"{source}: " if source is not None else ""
-    if dotted == "listener.socket_mode" and isinstance(value, str):
+    if dotted in _OCTAL_KEYS and isinstance(value, str):
         converted: Any = _parse_octal(dotted, value, origin)
     elif value == "" and _optional(tp):
         converted = None
@@ -681,6 +713,7 @@ def _check(config: Config) -> None:
     _positive(config.queue.max_events, "queue.max_events")
     _check_spool(config.spool)
     _check_metrics(config.metrics)
+    _check_control(config.control)
     _check_cells(config.cells, config.listener.port)
 
 
@@ -736,19 +769,33 @@ def _check_signing(signing: SigningConfig) -> None:
     _non_negative(signing.max_unsigned_ms, "signing.max_unsigned_ms")
 
 
-def _check_listener(listener: ListenerConfig) -> None:
-    mode = listener.socket_mode
+def _check_mode(key: str, mode: int, harm: str) -> None:
     if not 0 <= mode <= _MODE_MAX:
         raise ConfigError(
-            "listener.socket_mode",
+            key,
             f"{mode} (octal {mode:o}) is not a permission mode; in TOML write 0o600 or "
             '"0600", not 600',
         )
     if mode & _OTHER_WRITE:
-        raise ConfigError(
-            "listener.socket_mode",
-            f"0o{mode:03o} is world-writable: any local user could forge guest frames",
-        )
+        raise ConfigError(key, f"0o{mode:03o} is world-writable: {harm}")
+
+
+def _check_control(control: ControlConfig) -> None:
+    if control.socket:
+        _need_path(control.socket, "control.socket")
+    _check_mode(
+        "control.socket_mode",
+        control.socket_mode,
+        "any local user could register and deregister cells",
+    )
+
+
+def _check_listener(listener: ListenerConfig) -> None:
+    _check_mode(
+        "listener.socket_mode",
+        listener.socket_mode,
+        "any local user could forge guest frames",
+    )
     for key, port in (
         ("listener.port", listener.port),
         ("listener.vsock_port", listener.vsock_port),
@@ -855,7 +902,7 @@ def _fields(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
 
 
 def _type_name(key: str, tp: Any) -> str:
-    if key == "listener.socket_mode":
+    if key in _OCTAL_KEYS:
         return "integer or octal string"
     tp = _strip(tp)
     origin = typing.get_origin(tp)
@@ -880,7 +927,7 @@ def _default(key: str, info: msgspec.structs.FieldInfo) -> str:
         return "unset"
     if value == ():
         return "none"
-    if key == "listener.socket_mode":
+    if key in _OCTAL_KEYS:
         return f"`0o{value:o}`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
@@ -906,6 +953,11 @@ def _rows(cls: type[msgspec.Struct], prefix: str) -> Iterator[tuple[str, str, st
         yield key, _type_name(key, info.type), _default(key, info), _description(info.type)
         if typing.get_origin(base) is tuple:
             yield from _rows(typing.get_args(base)[0], f"{key}[].")
+
+
+def field_help(cls: type[msgspec.Struct], name: str) -> str:
+    """The description a configuration field carries, for CLI help texts."""
+    return _description(_fields(cls)[name].type)
 
 
 def config_reference() -> str:

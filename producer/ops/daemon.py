@@ -49,6 +49,7 @@ from producer.delivery.stream import StreamCheck, ensure_stream
 from producer.errors import BrokerError, ConfigError, ProducerError
 from producer.guest.listener import VsockRouter
 from producer.ops.config import CellSpec, Config
+from producer.ops.control import remove_control_socket, serve_control
 from producer.ops.embedded import EmbeddedNats
 from producer.ops.logs import event
 from producer.ops.metrics import serve_metrics
@@ -136,6 +137,7 @@ class Producer:
         self._stream_checked_at = -STREAM_RECHECK_S
         self._stop = asyncio.Event()
         self._metrics: web.AppRunner | None = None
+        self._control: web.AppRunner | None = None
         self._started = False
         self._shutdown_done = False
 
@@ -213,6 +215,14 @@ class Producer:
         if self.probes is not None:
             self.probes.start()
         self._started = True
+        self._control = await serve_control(self)
+        if not cfg.cells and self._control is None:
+            event(
+                log,
+                logging.WARNING,
+                "no_cells",
+                note="no cells in the config and the control API is off: nothing to serve",
+            )
         event(
             log,
             logging.INFO,
@@ -525,6 +535,9 @@ class Producer:
         grace = self.config.spool.stop_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        if self._control is not None:
+            await self._control.cleanup()
+            remove_control_socket(self)
         if self.registry is not None:
             await self.registry.stop_ticker()
             await self.registry.suspend_all(grace_s=grace / 2)

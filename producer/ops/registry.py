@@ -44,6 +44,8 @@ SupersedesLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 have been lost (from the broker's recorded heads), or None."""
 
 StatsHook = Callable[[], None]
+SEALED_KEPT = 1000
+"""Deregistered cells remembered for status queries."""
 
 
 class Registry:
@@ -74,6 +76,8 @@ class Registry:
         self._lookup = lookup
         self._on_stats = on_stats
         self.probes = probes
+        self.sealed: dict[str, CellRuntime] = {}
+        """Recently deregistered cells, oldest first (bounded), for status queries."""
         self.retired = CellCounters()
         """Counters of cells no longer served, so process-wide totals never go back."""
         self._lock = asyncio.Lock()
@@ -95,20 +99,29 @@ class Registry:
         """Validate ``spec`` against the cells served and bind its socket (not yet served)."""
         validate_cell(spec, port=self.config.listener.port)
         if spec.cell_id in self.cells:
-            raise RegistrationError(spec.cell_id, "already registered")
+            raise RegistrationError(spec.cell_id, "already registered", conflict=True)
         if self._spool.was_sealed(spec.cell_id, spec.run_id):
             raise RegistrationError(
-                spec.cell_id, f"run {spec.run_id!r} was already sealed; use a new run_id"
+                spec.cell_id,
+                f"run {spec.run_id!r} was already sealed; use a new run_id",
+                field="run_id",
+                conflict=True,
             )
         path = socket_path(spec, self.config.listener.port)
         for other in self.cells.values():
             if other.socket_path == path:
                 raise RegistrationError(
-                    spec.cell_id, f"socket {path} already belongs to cell {other.cell_id!r}"
+                    spec.cell_id,
+                    f"socket {path} already belongs to cell {other.cell_id!r}",
+                    field="vsock_uds_base",
+                    conflict=True,
                 )
             if spec.vsock_cid is not None and other.spec.vsock_cid == spec.vsock_cid:
                 raise RegistrationError(
-                    spec.cell_id, f"vsock CID {spec.vsock_cid} belongs to {other.cell_id!r}"
+                    spec.cell_id,
+                    f"vsock CID {spec.vsock_cid} belongs to {other.cell_id!r}",
+                    field="vsock_cid",
+                    conflict=True,
                 )
         listen = self.config.listener
         return bind_unix_socket(path, mode=listen.socket_mode, cell_id=spec.cell_id)
@@ -139,7 +152,7 @@ class Registry:
         try:
             async with self._lock:
                 if spec.cell_id in self.cells:
-                    raise RegistrationError(spec.cell_id, "already registered")
+                    raise RegistrationError(spec.cell_id, "already registered", conflict=True)
                 cell = await self._runtime(spec, path, source)
                 await serve_unix(cell.listener, sock)
                 self.cells[spec.cell_id] = cell
@@ -217,6 +230,8 @@ class Registry:
                         f"run {spec.run_id!r} continues chain {ident.chain_id} registered "
                         f"with spec_signature_hash {ident.spec_signature_hash}; a run cannot "
                         "change its spec (use a new run_id)",
+                        field="spec_signature_hash",
+                        conflict=True,
                     )
                 return chain
         return None
@@ -282,10 +297,12 @@ class Registry:
 
     async def deregister(
         self, cell_id: str, reason: str = "deregistered", *, grace_s: float = 5.0
-    ) -> None:
+    ) -> CellRuntime:
         """Stop the listener, spool what was read, seal the chain, remove the socket file.
 
-        ``grace_s`` bounds the wait for spool room (see :meth:`CellRuntime.seal`)."""
+        ``grace_s`` bounds the wait for spool room (see :meth:`CellRuntime.seal`). The
+        sealed cell is remembered for a while (:attr:`sealed`) so its draining can be
+        watched."""
         async with self._lock:
             cell = self.cells.pop(cell_id, None)
             if cell is None:
@@ -293,7 +310,11 @@ class Registry:
             await self._unserve(cell)
             await cell.seal(reason, grace_s=grace_s)
             _remove_socket(cell.socket_path)
+            self.sealed[cell_id] = cell
+            while len(self.sealed) > SEALED_KEPT:
+                del self.sealed[next(iter(self.sealed))]
         event(log, logging.INFO, "cell_sealed", reason=reason, **cell.snapshot())
+        return cell
 
     async def suspend_all(self, *, grace_s: float = 5.0) -> None:
         """A producer stop: every cell stops reading and spools what it read, all within one
