@@ -99,8 +99,12 @@ async def test_readiness_follows_the_broker_and_the_spool(nats_server: EmbeddedN
         assert status == 200 and body["ready"] is True, body
         nats_server.kill()
         guest = asyncio.create_task(run_guest(cell.socket_path, rate=0, count=3000, seed=2))
-        spool = p.spool
-        await eventually(lambda: spool.live_bytes() >= spool.opts.max_bytes // 2, timeout=30)
+        spool, publisher = p.spool, p.publisher
+        assert publisher is not None
+        await eventually(
+            lambda: not publisher.connected and spool.live_bytes() >= spool.opts.max_bytes // 2,
+            timeout=30,
+        )
         status, body = await get(p, "/readyz")
         assert status == 503 and body["checks"]["broker_or_spool_headroom"] is False, body
         assert (await get(p, "/healthz"))[0] == 200  # alive all along
