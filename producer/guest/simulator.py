@@ -149,6 +149,7 @@ async def run_guest(
     clock: Callable[[], float] = time.monotonic,
     retry_initial: float = 0.05,
     retry_max: float = 1.0,
+    on_connect_error: Callable[[OSError], None] | None = None,
 ) -> int:
     """Connect to ``socket_path`` and write frames until ``count`` are sent; return it.
 
@@ -156,7 +157,8 @@ async def run_guest(
     ``count`` None runs until cancelled. A frame counts as sent once the kernel has taken
     it (the write drained); ``on_sent`` is told how many each time a batch is. ``sleep``
     and ``clock`` drive all pacing and retry waits, so tests can run it in simulated time.
-    Connecting is retried with a backoff doubling from ``retry_initial`` to ``retry_max``.
+    Connecting is retried with a backoff doubling from ``retry_initial`` to ``retry_max``;
+    ``on_connect_error`` hears of every failed attempt.
     """
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
@@ -167,7 +169,9 @@ async def run_guest(
     while not guest.done():
         try:
             _, writer = await asyncio.open_unix_connection(socket_path)
-        except OSError:
+        except OSError as exc:
+            if on_connect_error is not None:
+                on_connect_error(exc)
             await sleep(backoff)
             backoff = min(2 * backoff, retry_max)
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from producer.errors import (
 from producer.ops.config import CellSpec, field_help
 
 DEFAULT_CONTROL_SOCKET = "/var/lib/cellos-producer/control.sock"
+DEFAULT_CONFIG = "/etc/cellos-producer/config.toml"
+CONFIG_ENV = "CELLOS_PRODUCER_CONFIG"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -49,10 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         help="run the daemon (SIGTERM/SIGINT: stop reading, spool, drain, exit 0)",
         description="Run the producer daemon with the cells of the config file.",
     )
-    run.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see README)")
+    run.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help=f"TOML config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG}; see README)",
+    )
     run.add_argument("--nats-url", metavar="URL", help="override nats.url")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", choices=["auto", "json", "text"])
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override log.level"
+    )
+    run.add_argument("--log-format", choices=["auto", "json", "text"], help="override log.format")
 
     demo = sub.add_parser(
         "demo",
@@ -70,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20.0, help="frames/s per guest (default 20)")
     demo.add_argument("--nats-url", metavar="URL", help="use this server instead of embedded")
     demo.add_argument("--data-dir", metavar="DIR", help="keep key, trust.json, store here")
-    demo.add_argument("--mode", choices=["adaptive", "strict"], default="adaptive")
+    demo.add_argument(
+        "--mode",
+        choices=["adaptive", "strict"],
+        default="adaptive",
+        help="signing mode (default adaptive)",
+    )
     demo.add_argument("--binary", action="store_true", help="CloudEvents binary mode")
 
     keygen = sub.add_parser(
@@ -110,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--socket", required=True, metavar="PATH", help="<vsock_uds_base>_9001")
     sim.add_argument("--rate", type=float, default=10.0, help="frames/s; 0 = as fast as possible")
     sim.add_argument("--count", type=int, default=None, help="frames to send (default: forever)")
-    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument(
+        "--seed", type=int, default=None, help="seed of the made-up workload (reproducible)"
+    )
 
     spool = sub.add_parser(
         "spool",
@@ -122,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
             "chain is inconsistent."
         ),
     )
-    spool.add_argument("action", choices=["stats", "check"])
+    spool.add_argument(
+        "action", choices=["stats", "check"], help="stats: report; check: also exit 1 on damage"
+    )
     where = spool.add_mutually_exclusive_group(required=True)
     where.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
     where.add_argument("--config", "-c", metavar="FILE", help="read data_dir from this config")
@@ -171,11 +190,17 @@ def _parser() -> argparse.ArgumentParser:
             "sealed last. Prints one line per chain; exits 1 if any chain fails."
         ),
     )
-    verify.add_argument("--nats-url", required=True, metavar="URL")
+    verify.add_argument("--nats-url", required=True, metavar="URL", help="the NATS server")
     verify.add_argument("--trust", required=True, metavar="FILE", help="trust file (SPEC 5.4)")
     verify.add_argument("--cell", metavar="ID", help="only this cell's chains")
-    verify.add_argument("--stream", default="CELLOS_TELEMETRY")
-    verify.add_argument("--subject-prefix", default="cellos.telemetry")
+    verify.add_argument(
+        "--stream", default="CELLOS_TELEMETRY", help="stream name (default CELLOS_TELEMETRY)"
+    )
+    verify.add_argument(
+        "--subject-prefix",
+        default="cellos.telemetry",
+        help="subject prefix (default cellos.telemetry)",
+    )
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
 
@@ -208,13 +233,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def config_path(args: argparse.Namespace) -> str:
+    """The config file ``run`` reads: ``--config``, else ``$CELLOS_PRODUCER_CONFIG``, else
+    the packaged default location. A missing default file is an error naming it (a daemon
+    silently running on built-in defaults serves no cell)."""
+    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    if not args.config and not os.path.exists(path):
+        raise ConfigError(
+            "config", f"{path} does not exist; pass --config FILE (or set ${CONFIG_ENV})"
+        )
+    return str(path)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from producer.ops.config import load_config
     from producer.ops.daemon import Producer
-    from producer.ops.logs import setup_logging
+    from producer.ops.logs import event, get_logger, setup_logging
 
+    path = config_path(args)
     config = load_config(
-        args.config,
+        path,
         overrides={
             "nats.url": args.nats_url,
             "log.level": args.log_level,
@@ -222,6 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         },
     )
     setup_logging(config.log.level, config.log.format)
+    event(get_logger("producer.ops.cli"), logging.INFO, "config_loaded", path=path)
     producer = Producer(config)
     asyncio.run(producer.serve())
     # Events not yet acknowledged stay in the spool for the next start: a stop loses
@@ -276,8 +315,28 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from producer.guest.simulator import run_guest
 
+    said: set[str] = set()
+
+    def cannot_connect(exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        if reason not in said:  # once per kind of failure, not once per retry
+            said.add(reason)
+            print(
+                f"cannot connect to {args.socket}: {reason}; retrying (Ctrl-C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+
     try:
-        sent = asyncio.run(run_guest(args.socket, rate=args.rate, count=args.count, seed=args.seed))
+        sent = asyncio.run(
+            run_guest(
+                args.socket,
+                rate=args.rate,
+                count=args.count,
+                seed=args.seed,
+                on_connect_error=cannot_connect,
+            )
+        )
     except KeyboardInterrupt:
         return EXIT_OK
     print(f"sent {sent} frames to {args.socket}")

@@ -58,6 +58,8 @@ __all__ = [
 
 ENV_PREFIX: Final = "CELLOS_PRODUCER_"
 """Environment variables with this prefix are configuration; any other is ignored."""
+RESERVED_ENV: Final = frozenset({ENV_PREFIX + "CONFIG"})
+"""Prefixed variables that are not keys: ``CELLOS_PRODUCER_CONFIG`` names the file."""
 
 GUEST_PORT: Final = 9001
 """The vsock port the CellOS guest agent sends telemetry to (SPEC 2)."""
@@ -585,7 +587,7 @@ def load_config(
             table["socket_mode"] = _parse_octal(f"{section}.socket_mode", table["socket_mode"])
     environ: Mapping[str, str] = os.environ if env is None else env
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX):
+        if name.startswith(ENV_PREFIX) and name not in RESERVED_ENV:
             dotted = ".".join(name[len(ENV_PREFIX) :].lower().split("__"))
             _apply(raw, dotted, environ[name], source=name)
     for dotted, value in (overrides or {}).items():

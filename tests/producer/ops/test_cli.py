@@ -9,6 +9,7 @@ in teardown if a test left it running.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -1012,3 +1013,47 @@ async def test_run_reloads_its_key_on_sighup(
     assert daemon.proc.returncode is None  # SIGHUP does not stop the daemon
     rc, _ = await daemon.stop(signal.SIGTERM)
     assert rc == 0, daemon.describe()
+
+
+def _actions(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            found.append((path, action))
+    return found
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    from producer.ops.cli import _parser
+
+    missing = [
+        f"{path} {'/'.join(a.option_strings) or a.dest}"
+        for path, a in _actions(_parser(), "cellos-producer")
+        if not a.help
+    ]
+    assert not missing, missing
+
+
+def test_run_without_config_names_the_file_it_reads(tmp_path: Path) -> None:
+    absent = tmp_path / "nowhere.toml"
+    res = cli("run", timeout=10, env=_env(CELLOS_PRODUCER_CONFIG=str(absent)))
+    assert res.rc == 2, res
+    assert str(absent) in res.err and "--config" in res.err, res
+
+
+async def test_simulate_guest_says_when_it_cannot_connect(short_dir: Path) -> None:
+    missing = short_dir / "nobody_9001"
+    proc = await asyncio.create_subprocess_exec(
+        str(CLI), "simulate-guest", "--socket", str(missing), "--count", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert f"cannot connect to {missing}" in line.decode() and "retrying" in line.decode()
