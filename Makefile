@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/e2e.py $(ARGS)
 
 bench-probes: $(STAMP) host-tools
-	$(BIN)/python bench/probes.py $(ARGS)
+	$(BIN)/python bench/probe_cost.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

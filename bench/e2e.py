@@ -56,10 +56,12 @@ from producer.ops.config import (
     LogConfig,
     MetricsConfig,
     NatsConfig,
+    ProbesConfig,
     QueueConfig,
     SigningConfig,
 )
 from producer.ops.daemon import Producer
+from producer.ops.demo_host import DemoHost
 from producer.ops.embedded import EmbeddedNats
 from producer.ops.logs import setup_logging
 
@@ -309,19 +311,32 @@ def sample_payloads(signer: Signer, n: int = 256) -> tuple[bytes, float, float]:
 # --------------------------------------------------------------------------- producer run
 
 
+def cell_ids(cells: int) -> list[str]:
+    return [f"bench-{i:02d}" for i in range(cells)]
+
+
 def bench_config(
-    *, mode: str, data_dir: str, url: str, key_file: str, cells: int, inflight: int, queue: int
+    *,
+    mode: str,
+    data_dir: str,
+    url: str,
+    key_file: str,
+    cells: int,
+    inflight: int,
+    queue: int,
+    targets: dict[str, dict[str, Any]],
 ) -> Config:
     specs = []
-    for i in range(cells):
+    for i, cell_id in enumerate(cell_ids(cells)):
         cell_dir = os.path.join(data_dir, f"c{i:02d}")
         os.makedirs(cell_dir, exist_ok=True)
         specs.append(
             CellSpec(
-                cell_id=f"bench-{i:02d}",
+                cell_id=cell_id,
                 run_id=f"run-{mode}",
                 spec_signature_hash="sha256:" + secrets.token_hex(32),
                 vsock_uds_base=os.path.join(cell_dir, "vsock"),
+                **targets.get(cell_id, {}),
             )
         )
     return Config(
@@ -332,6 +347,7 @@ def bench_config(
         ),
         signing=SigningConfig(key_file=key_file, mode=mode),  # type: ignore[arg-type]
         queue=QueueConfig(max_events=queue),
+        probes=ProbesConfig(interval_s=1.0, timeout_s=0.5),
         metrics=MetricsConfig(listen=""),
         log=LogConfig(level="warning"),
         cells=tuple(specs),
@@ -346,9 +362,15 @@ async def run_producer(
     signer: Signer,
     key_file: str,
     mpctx: mp.context.SpawnContext,
+    probes: bool = False,
 ) -> Result:
-    run_dir = os.path.join(root, mode)
+    label = f"{mode}+probes" if probes else mode
+    run_dir = os.path.join(root, label)
     os.makedirs(run_dir)
+    host = DemoHost(run_dir)
+    targets = host.setup(cell_ids(args.cells)) if probes else {}
+    for note in host.notes:
+        print(f"probes: {note}")
     base, extra = divmod(args.events, args.cells)
     per_cell = [base + (i < extra) for i in range(args.cells)]
     total = sum(per_cell)
@@ -362,6 +384,7 @@ async def run_producer(
             cells=args.cells,
             inflight=args.inflight,
             queue=args.queue,
+            targets=targets,
         )
         producer = Producer(config, signer=signer)
         guests: Guests | None = None
@@ -378,6 +401,8 @@ async def run_producer(
                 msg = await queue_get(guests.ready, 120)
                 if msg[0] != "ready":
                     raise RuntimeError(f"guest process {msg[1]} failed: {msg[2]}")
+            if probes:
+                host.start_activity()
             await producer.drain(10)  # the `opened` events: start from an idle pipeline
             acked0 = publisher.stats.acked
             user0, sys0 = self_cpu()
@@ -411,7 +436,7 @@ async def run_producer(
             reports = [await queue_get(guests.results, 30) for _ in guests.procs]
             t_first = min(r[1] for r in reports)
             result = Result(
-                mode=mode,
+                mode=label,
                 events=sum(c.counters.accepted for c in cells),
                 seconds=t_end - t_first,
                 acked=publisher.stats.acked - acked0,
@@ -429,6 +454,9 @@ async def run_producer(
                 result.notes.append(f"timed out after {args.timeout:.0f}s")
             if errors := [e for r in reports for e in r[4]]:
                 result.notes.append(f"guest send errors: {errors[:3]}")
+            if probes and producer.probes is not None:
+                readings = sum(st.readings for st in producer.probes.stats().values())
+                result.notes.append(f"probe readings published: {readings}")
             if publisher.stats.retries or publisher.stats.timeouts:
                 result.notes.append(
                     f"retries={publisher.stats.retries} timeouts={publisher.stats.timeouts}"
@@ -441,6 +469,7 @@ async def run_producer(
                 guests.go.set()  # never leave a worker waiting
                 stop_guests(guests)
             await producer.shutdown()
+            await host.close()
 
 
 def report_profile(profiler: cProfile.Profile, path: str, mode: str) -> None:
@@ -579,6 +608,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cProfile the producer during each timed run; writes PREFIX.<mode>.pstats",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (stores, key)")
+    p.add_argument(
+        "--probes",
+        action="store_true",
+        help="also run each mode with every cell's four host probes at a 1 s tick on real "
+        "namespaces, nft tables, cgroups and TAPs (root), to measure what probing costs",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.cells, args.events = min(args.cells, 4), min(args.events, 20_000)
@@ -634,11 +669,18 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"raw publish_async: {baseline.rate:,.0f} events/s", flush=True)
         results = []
         for mode in args.modes:
-            r = await run_producer(
-                mode=mode, args=args, root=root, signer=signer, key_file=key_file, mpctx=mpctx
-            )
-            print(f"{mode}: {r.rate:,.0f} events/s", flush=True)
-            results.append(r)
+            for probes in (False, True) if args.probes else (False,):
+                r = await run_producer(
+                    mode=mode,
+                    args=args,
+                    root=root,
+                    signer=signer,
+                    key_file=key_file,
+                    mpctx=mpctx,
+                    probes=probes,
+                )
+                print(f"{r.mode}: {r.rate:,.0f} events/s", flush=True)
+                results.append(r)
         print_table(results, baseline)
     finally:
         beat.cancel()

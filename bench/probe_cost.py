@@ -287,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     if os.geteuid() != 0:
-        sys.exit("bench/probes.py creates namespaces, TAPs and cgroups: run it as root")
+        sys.exit("bench/probe_cost.py creates namespaces, TAPs and cgroups: run it as root")
     # SIGTERM unwinds like Ctrl-C, so the fleet's cleanup runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     asyncio.run(run(parse_args(argv)))
