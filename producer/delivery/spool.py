@@ -1028,6 +1028,7 @@ class Spool:
         if self._ack_dirty:
             self._buffer.append(rec.encode(rec.KIND_ACK, 0, self._ack_body()))
             self._buffered += len(self._buffer[-1])
+        self._write_error = None  # one last attempt at what a failing disk held back
         try:
             self.write_snapshot(clean=clean)
         except OSError as exc:
