@@ -140,7 +140,7 @@ async def test_refused_credentials_are_retried_with_backoff_and_never_crash(
         assert "broker_ready" not in caplog.messages, case
         assert {r["auth"] for r in retries} == {setup.good.mode}, case
         for r in retries:
-            assert any(e in r["error"] for e in wrong.errors), (case, r)
+            assert not wrong.errors or any(e in r["error"] for e in wrong.errors), (case, r)
             assert r["kind"] in wrong.kinds, (case, r)
         assert [r["attempt"] for r in retries] == list(range(1, len(retries) + 1))
         waits = [float(r["next_in_s"]) for r in retries]
