@@ -21,7 +21,17 @@ host-tools:
 	command -v nft >/dev/null && command -v ip >/dev/null || { apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iproute2; }
 
-test: $(STAMP) host-tools
+# The deploy tests lint the Prometheus rules with promtool. Debian's prometheus package has
+# it, but installing that package would also start a Prometheus server: only the binary is
+# taken out of it, into the venv.
+$(BIN)/promtool: | $(STAMP)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	  { apt-get download -q prometheus 2>/dev/null || \
+	    { apt-get update -q && apt-get download -q prometheus; }; } && \
+	  dpkg-deb -x prometheus_*.deb root && \
+	  install -m 0755 root/usr/bin/promtool "$(abspath $(BIN))/promtool"
+
+test: $(STAMP) host-tools $(BIN)/promtool
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)

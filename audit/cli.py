@@ -9,6 +9,7 @@ import msgspec
 import nats
 import nats.errors
 
+from audit.connect import NatsAuth, connect_kwargs, telling_error
 from audit.errors import SourceError
 from audit.heads import read_heads
 from audit.keys import load_trust
@@ -24,8 +25,11 @@ async def collect_reports(
     subject_prefix: str,
     cells: list[str] | None = None,
     heads_bucket: str = "CELLOS_CHAIN_HEADS",
+    auth: NatsAuth | None = None,
 ) -> list[ChainReport]:
-    """Verify every chain found under the prefix (or only those of ``cells``)."""
+    """Verify every chain found under the prefix (or only those of ``cells``), connecting
+    with ``auth`` (the producer's own ``[nats]`` security settings, see audit.connect)."""
+    kwargs = connect_kwargs(auth or NatsAuth())
     errors: list[BaseException] = []
 
     async def remember(exc: Exception) -> None:
@@ -38,9 +42,12 @@ async def collect_reports(
             allow_reconnect=False,
             max_reconnect_attempts=1,
             error_cb=remember,
+            **kwargs,
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
-        cause = errors[-1] if errors else exc
+        # What error_cb saw last is more specific than what connect raised, and a refused
+        # credential or certificate (wherever it came) says best what to fix.
+        cause = telling_error([exc, *errors])
         reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
         raise SourceError(f"cannot connect to NATS at {nats_url}: {reason}") from exc
     try:
@@ -91,6 +98,7 @@ async def verify_from_nats(
     subject_prefix: str,
     cell: str | None,
     as_json: bool = False,
+    auth: NatsAuth | None = None,
 ) -> int:
     trust = load_trust(trust_path)
     reports = await collect_reports(
@@ -99,6 +107,7 @@ async def verify_from_nats(
         stream=stream,
         subject_prefix=subject_prefix,
         cells=[cell] if cell else None,
+        auth=auth,
     )
     print_reports(reports, sys.stdout, as_json=as_json)
     if not reports:

@@ -43,3 +43,16 @@ class MessageError(AuditError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class ConnectOptionsError(AuditError):
+    """A NATS security setting cannot be used: inconsistent settings, or a named file that
+    is missing, unreadable or malformed. ``field`` is the setting (a ``[nats]`` key),
+    ``path`` the file when one is involved; the message never quotes a file's content."""
+
+    def __init__(self, field: str, path: str | None, reason: str) -> None:
+        self.field = field
+        self.path = path
+        self.reason = reason
+        where = f" ({path})" if path is not None else ""
+        super().__init__(f"nats {field}{where}: {reason}")

@@ -38,6 +38,8 @@ import tenacity
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from audit.connect import NatsAuth, connect_error_kind, connect_kwargs, telling_error
+from audit.errors import ConnectOptionsError
 from producer.aio import cancel_and_wait, wait_set
 from producer.errors import BrokerError
 
@@ -112,7 +114,8 @@ class PublisherOptions:
     ack_timeout_s: float = 5.0
     connect_timeout_s: float = 5.0
     name: str = "cellos-producer"
-    credentials: str | None = None
+    auth: NatsAuth = field(default_factory=NatsAuth)
+    """Authentication and TLS; its files are read again at every connection attempt."""
     retry_wait: tenacity.wait.wait_base = field(default_factory=default_retry_wait)
     connect_wait: tenacity.wait.wait_base = field(default_factory=default_retry_wait)
     connect_attempts: int | None = None
@@ -121,36 +124,59 @@ class PublisherOptions:
     """The stream's duplicate window: retries older than half of it are checked first."""
 
 
+_RETRIED = (OSError, nats.errors.Error, TimeoutError, ConnectOptionsError)
+
+
 async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
-    """Connect with backoff: an unreachable broker at start is retried and logged, not fatal."""
+    """Connect with backoff: an unreachable broker at start, refused credentials or an
+    unusable credentials file are retried and logged (with what kind of failure it is, so
+    the operator knows what to fix), never fatal: fixing the file or the server's
+    configuration is enough, the next attempt picks it up."""
     stop: tenacity.stop.stop_base = (
         tenacity.stop_never
         if opts.connect_attempts is None
         else tenacity.stop_after_attempt(opts.connect_attempts)
     )
 
+    # nats-py reports the cause of a failed attempt (a refused certificate, say) to
+    # error_cb and then raises something vaguer ("Connection lost"); keep the causes of
+    # the current attempt so the log line names the one an operator can act on. They are
+    # not passed on while connecting: the retry line reports them once.
+    connecting = True
+    causes: deque[BaseException] = deque(maxlen=4)
+    error_cb = callbacks.pop("error_cb", None)
+
+    async def on_error(exc: Exception) -> None:
+        if connecting:
+            causes.append(exc)
+        elif error_cb is not None:
+            await error_cb(exc)
+
+    def cause_of(state: tenacity.RetryCallState) -> BaseException | None:
+        raised = state.outcome.exception() if state.outcome else None
+        return telling_error([*causes, raised] if raised is not None else list(causes))
+
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
+        exc = cause_of(state)
         log.warning(
             "nats_connect_retry",
             extra={
                 "fields": {
                     "url": opts.url,
                     "attempt": state.attempt_number,
-                    "error": repr(exc),
+                    "auth": opts.auth.mode,
+                    "kind": connect_error_kind(exc) if exc is not None else "unknown",
+                    "error": (str(exc) or repr(exc)) if exc is not None else "",
                     "next_in_s": round(state.upcoming_sleep, 2),
                 }
             },
         )
 
-    kwargs: dict[str, Any] = {}
-    if opts.credentials:
-        kwargs["user_credentials"] = opts.credentials
     try:
         async for attempt in tenacity.AsyncRetrying(
             wait=opts.connect_wait,
             stop=stop,
-            retry=tenacity.retry_if_exception_type((OSError, nats.errors.Error, TimeoutError)),
+            retry=tenacity.retry_if_exception_type(_RETRIED),
             before_sleep=before_sleep,
             reraise=True,
         ):
@@ -158,6 +184,8 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
                 # nats-py would retry a first connection forever, silently, when reconnects
                 # are allowed; so the first attempt fails fast and tenacity paces and logs
                 # the retries. Once connected, reconnecting forever is what we want.
+                causes.clear()
+                kwargs = connect_kwargs(opts.auth)
                 nc = await nats.connect(
                     [server.strip() for server in opts.url.split(",")],
                     name=opts.name,
@@ -169,14 +197,17 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
                     pending_size=8 * 1024 * 1024,
                     # Subjects are built from ids validated at config load and registration.
                     skip_subject_validation=True,
+                    error_cb=on_error,
                     **callbacks,
                     **kwargs,
                 )
+                connecting = False
                 nc.options["allow_reconnect"] = True
                 nc.options["max_reconnect_attempts"] = -1
                 return nc
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise BrokerError(f"cannot connect to NATS at {opts.url}: {exc!r}") from exc
+    except _RETRIED as exc:
+        cause = telling_error([*causes, exc])
+        raise BrokerError(f"cannot connect to NATS at {opts.url}: {cause!r}") from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
 

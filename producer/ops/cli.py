@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from audit.errors import AuditError, TrustFileError
+from audit.errors import AuditError, ConnectOptionsError, TrustFileError
 from producer import __version__
 from producer.errors import (
     ConfigError,
@@ -29,6 +30,10 @@ from producer.ops.config import CellSpec, field_help
 DEFAULT_CONTROL_SOCKET = "/var/lib/cellos-producer/control.sock"
 DEFAULT_CONFIG = "/etc/cellos-producer/config.toml"
 CONFIG_ENV = "CELLOS_PRODUCER_CONFIG"
+
+if TYPE_CHECKING:
+    from audit.connect import NatsAuth
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -202,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         help="subject prefix (default cellos.telemetry)",
     )
     verify.add_argument("--json", action="store_true", help="print the reports as JSON")
+    _add_nats_security(verify)
     return p
 
 
@@ -218,11 +224,48 @@ def _control_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
+# Flag -> NatsAuth field; the same settings as the daemon's [nats] keys of those names.
+_SECURITY_FLAGS = {
+    "--user": ("user", "NAME", "user name (password from --password-file)"),
+    "--password-file": ("password_file", "FILE", "file holding the user's password"),
+    "--token-file": ("token_file", "FILE", "file holding an authentication token"),
+    "--nkey-seed-file": ("nkey_seed_file", "FILE", "file holding an NKey user seed"),
+    "--creds": ("credentials", "FILE", "NATS .creds file (user JWT + NKey seed)"),
+    "--tls-ca": ("tls_ca_file", "FILE", "CA bundle that verifies the server"),
+    "--tls-cert": ("tls_cert_file", "FILE", "client certificate (mutual TLS)"),
+    "--tls-key": ("tls_key_file", "FILE", "client certificate's private key"),
+    "--tls-hostname": ("tls_hostname", "NAME", "name the server certificate must carry"),
+}
+
+
+def _add_nats_security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "NATS security", "as the daemon's [nats] keys of the same names; secrets only in files"
+    )
+    for flag, (field, metavar, text) in _SECURITY_FLAGS.items():
+        group.add_argument(flag, dest=f"nats_{field}", metavar=metavar, help=text)
+
+
+def _nats_auth(args: argparse.Namespace) -> NatsAuth:
+    from audit.connect import NatsAuth
+
+    return NatsAuth(
+        **{field: getattr(args, f"nats_{field}") for field, *_ in _SECURITY_FLAGS.values()}
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = COMMANDS[args.command](args)
-    except (ConfigError, KeyFileError, TrustFileError, RegistrationError, SpoolError) as exc:
+    except (
+        ConfigError,
+        KeyFileError,
+        TrustFileError,
+        ConnectOptionsError,
+        RegistrationError,
+        SpoolError,
+    ) as exc:
         print(f"cellos-producer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ProducerError, AuditError) as exc:
@@ -354,6 +397,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             subject_prefix=args.subject_prefix,
             cell=args.cell,
             as_json=args.json,
+            auth=_nats_auth(args),
         )
     )
 

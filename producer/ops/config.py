@@ -17,6 +17,7 @@ code carries, and survives ``python -OO``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from audit.connect import NatsAuth, auth_problem
 from producer.errors import ConfigError, RegistrationError
 
 __all__ = [
@@ -150,8 +152,57 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     max_inflight: Annotated[
         int, _doc("Published events awaiting their PubAck at once (pipelining bound).")
     ] = 4096
+    user: Annotated[
+        str | None,
+        _doc(
+            "User name for user/password authentication; the password is read from "
+            "`password_file`. One of `user`, `token_file`, `nkey_seed_file`, `credentials`."
+        ),
+    ] = None
+    password_file: Annotated[
+        str | None,
+        _doc(
+            "Absolute path of a file holding `user`'s password (one line). Read at every "
+            "connection attempt, never logged."
+        ),
+    ] = None
+    token_file: Annotated[
+        str | None,
+        _doc("Absolute path of a file holding an authentication token (one line)."),
+    ] = None
+    nkey_seed_file: Annotated[
+        str | None,
+        _doc("Absolute path of a file holding an NKey user seed (`SU...`)."),
+    ] = None
     credentials: Annotated[
-        str | None, _doc("Absolute path of a NATS `.creds` file. Unset: no credentials.")
+        str | None,
+        _doc(
+            "Absolute path of a NATS `.creds` file (user JWT and NKey seed; operator/JWT "
+            "mode). Unset, like the other three: no authentication."
+        ),
+    ] = None
+    tls_ca_file: Annotated[
+        str | None,
+        _doc(
+            "Absolute path of the PEM CA bundle that verifies the server's certificate. "
+            "Unset: the system's CAs (used when the server requires TLS or the URL is "
+            "`tls://`)."
+        ),
+    ] = None
+    tls_cert_file: Annotated[
+        str | None,
+        _doc("Absolute path of the PEM client certificate (mutual TLS); needs `tls_key_file`."),
+    ] = None
+    tls_key_file: Annotated[
+        str | None,
+        _doc("Absolute path of the client certificate's PEM private key; never logged."),
+    ] = None
+    tls_hostname: Annotated[
+        str | None,
+        _doc(
+            "Name the server's certificate must carry when it is not the URL's host (e.g. "
+            "servers reached by IP address)."
+        ),
     ] = None
 
     @property
@@ -160,6 +211,11 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         if self.url is None:
             return []
         return [part.strip() for part in self.url.split(",")]
+
+    @property
+    def auth(self) -> NatsAuth:
+        """The security settings as the connection helper shared with ``audit`` takes them."""
+        return NatsAuth(**{f.name: getattr(self, f.name) for f in dataclasses.fields(NatsAuth)})
 
 
 class SigningConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -746,13 +802,35 @@ def _check_nats(nats: NatsConfig) -> None:
         raise ConfigError(
             "nats.stream_replicas", f"{nats.stream_replicas} must be 1 to {_MAX_REPLICAS}"
         )
-    if nats.credentials is not None:
-        _need_path(nats.credentials, "nats.credentials")
+    _check_nats_auth(nats)
+
+
+def _check_nats_auth(nats: NatsConfig) -> None:
+    auth = nats.auth
+    for field, path in auth.paths().items():
+        _need_path(path, f"nats.{field}")
+    problem = auth_problem(auth)
+    if problem is not None:
+        raise ConfigError(f"nats.{problem[0]}", problem[1])
+    if nats.url is None:
+        for info in dataclasses.fields(NatsAuth):
+            if getattr(auth, info.name) is not None:
+                raise ConfigError(
+                    f"nats.{info.name}",
+                    "needs nats.url: the embedded server (nats.url unset) has no "
+                    "authentication and no TLS",
+                )
 
 
 def _url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            # URLs are logged and quoted in errors; a secret in one would be too.
+            return (
+                "must not carry credentials: use nats.user with nats.password_file, or "
+                "nats.token_file"
+            )
         _ = parts.port  # raises on a non-numeric or out-of-range port
     except ValueError as exc:
         return f"{url!r} is not a URL: {exc}"

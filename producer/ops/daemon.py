@@ -26,7 +26,9 @@ import msgspec
 from aiohttp import web
 from nats.js import JetStreamContext
 
+from audit.connect import connect_kwargs
 from audit.digest import digest_of, format_sequence
+from audit.errors import ConnectOptionsError
 from audit.message import STRUCTURED_CONTENT_TYPE, binary_headers, binary_payload
 from probes.base import ProbeReading
 from probes.scheduler import ProbeScheduler
@@ -147,6 +149,13 @@ class Producer:
         cfg = self.config
         if self.signer is None:
             self.signer = Signer.load(cfg.signing.key_file, kid=cfg.signing.kid)
+        try:
+            # An unusable credentials file is the operator's to fix before a start, like
+            # the key file; credentials the broker refuses are retried instead.
+            connect_kwargs(cfg.nats.auth)
+        except ConnectOptionsError as exc:
+            where = f"{exc.path}: " if exc.path is not None else ""
+            raise ConfigError(f"nats.{exc.field}", where + exc.reason) from exc
         spool = self.spool = Spool(
             SpoolOptions(
                 directory=os.path.join(cfg.data_dir, "spool"),
@@ -197,7 +206,7 @@ class Producer:
                 max_inflight=cfg.nats.max_inflight,
                 ack_timeout_s=cfg.nats.ack_timeout_s,
                 connect_timeout_s=cfg.nats.connect_timeout_s,
-                credentials=cfg.nats.credentials,
+                auth=cfg.nats.auth,
                 name=f"cellos-producer@{cfg.host_id}",
                 duplicate_window_s=cfg.nats.duplicate_window_s,
             ),
@@ -267,20 +276,15 @@ class Producer:
             nc = await connect_nats(self.publisher.opts, **self.publisher.callbacks())
             await self.publisher.start(nc)
             js = self._js = nc.jetstream()
-            check = await ensure_stream(
-                js,
-                name=cfg.nats.stream,
-                subject_prefix=cfg.nats.subject_prefix,
-                duplicate_window_s=cfg.nats.duplicate_window_s,
-                create=cfg.nats.create_stream,
-            )
+            check = await self._ensure_stream(js)
             for warning in check.warnings:
                 event(
                     log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning
                 )
+            replicas = cfg.nats.stream_replicas
             self.heads = HeadRecorder(
-                await open_bucket(js, cfg.nats.heads_bucket),
-                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket),
+                await open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
+                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
             )
             self.heads.start()
             self._broker_ready.set()

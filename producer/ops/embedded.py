@@ -29,6 +29,8 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
+from audit.connect import NatsAuth, connect_kwargs
+from audit.errors import ConnectOptionsError
 from producer.errors import EmbeddedServerError
 
 __all__ = ["BINARY_NAME", "LOG_FILE_NAME", "EmbeddedNats", "find_binary"]
@@ -110,13 +112,20 @@ class EmbeddedNats:
         binary: str | None = None,
         name: str = "cellos-embedded",
         start_timeout_s: float = 15.0,
+        config_file: str | os.PathLike[str] | None = None,
+        client_auth: NatsAuth | None = None,
     ) -> None:
+        """``config_file`` is passed as ``-c`` (authorization, TLS, operator mode...); the
+        command-line flags for address, port, JetStream and store still win over it.
+        ``client_auth`` is how the readiness probe authenticates to such a server."""
         self._store_dir = Path(store_dir)
         self._host = host
         self._port = port or None  # 0 conventionally means "any free port"
         self._binary = binary if binary is not None else find_binary()
         self._name = name
         self._start_timeout_s = start_timeout_s
+        self._config_file = None if config_file is None else Path(config_file)
+        self._client_auth = client_auth or NatsAuth()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -252,6 +261,8 @@ class EmbeddedNats:
         # child has bound its listener, which proves the port answering probes is ours and
         # not another server that already held it (the child would then fail to bind).
         args += ["--ports_file_dir", str(self._store_dir)]
+        if self._config_file is not None:
+            args += ["-c", str(self._config_file)]
         log = self.log_path.open("ab")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         log.write(f"--- {stamp} cellos embedded start: {' '.join(args)}\n".encode())
@@ -327,7 +338,7 @@ class EmbeddedNats:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
-        nc = await _connect_quietly(self.url)
+        nc = await _connect_quietly(self.url, self._client_auth)
         if isinstance(nc, str):
             return nc
         try:
@@ -377,7 +388,7 @@ async def _exited_within(proc: subprocess.Popen[bytes], timeout_s: float) -> boo
         await asyncio.sleep(_POLL_S / 2)
 
 
-async def _connect_quietly(url: str) -> Client | str:
+async def _connect_quietly(url: str, auth: NatsAuth) -> Client | str:
     """Connect once without reconnect logic or error logging; a string says why not."""
     try:
         return await nats.connect(
@@ -386,8 +397,9 @@ async def _connect_quietly(url: str) -> Client | str:
             allow_reconnect=False,
             max_reconnect_attempts=0,
             error_cb=_ignore_error,
+            **connect_kwargs(auth),
         )
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
+    except (nats.errors.Error, OSError, TimeoutError, ConnectOptionsError) as exc:
         return f"NATS connect: {exc or type(exc).__name__}"
 
 

@@ -175,8 +175,8 @@ def _config_text(
     return (
         'host_id = "cli-test-host"\n'
         f'data_dir = "{data_dir}"\n'
-        f"{nats_table}"
         '[metrics]\nlisten = "127.0.0.1:0"\n'
+        f"{nats_table}"
         f'[signing]\nkey_file = "{key_file}"\n'
         "[[cells]]\n"
         f'cell_id = "{cell_id}"\n'

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from audit.connect import NatsAuth
 from producer.errors import ConfigError, RegistrationError
 from producer.ops.config import (
     CellSpec,
@@ -92,7 +93,8 @@ def test_empty_file_equals_defaults(tmp_path: Path) -> None:
 def test_example_config_loads_completely() -> None:
     config = load_config(str(EXAMPLE), env={})
     assert config.host_id == "hv-017"
-    assert config.nats.url == "nats://127.0.0.1:4222"
+    assert len(config.nats.servers) == 3 and config.nats.stream_replicas == 3
+    assert config.nats.auth.mode == "credentials" and config.nats.auth.tls_cert_file
     assert config.listener.socket_mode == 0o660
     (spec,) = config.cells
     assert spec.cell_id == "cell-7"
@@ -233,6 +235,21 @@ def test_invalid_toml_reports_line(tmp_path: Path) -> None:
         ("[nats]\nack_timeout_s = 0", "nats.ack_timeout_s"),
         ("[nats]\nduplicate_window_s = nan", "nats.duplicate_window_s"),
         ("[nats]\ncredentials = 'x.creds'", "nats.credentials"),
+        ("[nats]\nurl = 'nats://a:b@x:4222'", "nats.url"),
+        ("[nats]\nurl = 'nats://x:1,nats://tok@y:2'", "nats.url"),
+        ("[nats]\nurl = 'nats://x'\npassword_file = '/p'", "nats.password_file"),
+        ("[nats]\nurl = 'nats://x'\nuser = 'u'", "nats.user"),
+        ("[nats]\nurl = 'nats://x'\nuser = 'u'\npassword_file = 'p'", "nats.password_file"),
+        (
+            "[nats]\nurl = 'nats://x'\ntoken_file = '/t'\nnkey_seed_file = '/n'",
+            "nats.nkey_seed_file",
+        ),
+        ("[nats]\nurl = 'nats://x'\nnkey_seed_file = '/n'\ncredentials = '/c'", "nats.credentials"),
+        ("[nats]\nurl = 'nats://x'\ntls_cert_file = '/c'", "nats.tls_cert_file"),
+        ("[nats]\nurl = 'nats://x'\ntls_key_file = '/k'", "nats.tls_key_file"),
+        ("[nats]\nurl = 'nats://x'\ntls_ca_file = 'ca.pem'", "nats.tls_ca_file"),
+        ("[nats]\ntoken_file = '/t'", "nats.token_file"),
+        ("[nats]\ntls_ca_file = '/ca.pem'", "nats.tls_ca_file"),
         ("[signing]\nmax_unsigned = -1", "signing.max_unsigned"),
         ("[signing]\nkid = 'has space'", "signing.kid"),
         ("[signing]\nmode = 'sometimes'", "signing.mode"),
@@ -418,3 +435,32 @@ def test_reference_covers_every_field() -> None:
     rows = [line for line in reference.splitlines() if line.startswith("| `")]
     assert all(line.count(" | ") == 3 for line in rows)
     assert all(not line.endswith("|  |") for line in rows), "every key needs a meaning"
+
+
+def test_nats_security_keys_become_the_shared_auth_settings(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "[nats]\nurl = 'tls://10.0.0.5:4222'\nuser = 'producer'\n"
+        "tls_ca_file = '/etc/cellos-producer/nats-ca.pem'\n"
+        "tls_cert_file = '/etc/cellos-producer/client.pem'\n"
+        "tls_key_file = '/etc/cellos-producer/client.key'\ntls_hostname = 'nats.internal'\n",
+        # The secret's path from the environment, e.g. systemd's credentials directory.
+        env={"CELLOS_PRODUCER_NATS__PASSWORD_FILE": "/run/credentials/x/nats-password"},
+    )
+    assert config.nats.auth == NatsAuth(
+        user="producer",
+        password_file="/run/credentials/x/nats-password",
+        tls_ca_file="/etc/cellos-producer/nats-ca.pem",
+        tls_cert_file="/etc/cellos-producer/client.pem",
+        tls_key_file="/etc/cellos-producer/client.key",
+        tls_hostname="nats.internal",
+    )
+    assert config.nats.auth.mode == "user"
+
+
+def test_url_with_credentials_is_refused_without_quoting_them(tmp_path: Path) -> None:
+    for url in ("nats://producer:hunter2@x:4222", "nats://hunter2@x:4222"):
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, f"[nats]\nurl = 'nats://ok:4222,{url}'")
+        assert info.value.key == "nats.url"
+        assert "hunter2" not in str(info.value)

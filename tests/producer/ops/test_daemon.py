@@ -8,6 +8,8 @@ import os
 import shutil
 
 import msgspec
+import nats
+import nats.js.errors
 import pytest
 
 from audit.verify import verify_chain
@@ -156,3 +158,19 @@ async def test_sighup_key_reload_continues_every_chain_under_the_new_key(
     assert verify_chain(payloads, both).ok
     only_old = verify_chain(payloads, {old.kid: old.public_raw})
     assert not only_old.ok and any(new.kid in p for p in only_old.problems)
+
+
+async def test_stream_replicas_reach_the_first_stream_creation(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A single server cannot hold three replicas: the producer must ask for them (and be
+    refused) rather than silently create a one-replica stream."""
+    async with running_producer(nats_server.url, nats={"stream_replicas": 3}) as (producer, _, _):
+        await eventually(lambda: producer.fatal is not None, timeout=30)
+    assert "replicas" in str(producer.fatal), producer.fatal
+    nc = await nats.connect(nats_server.url)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().stream_info("CELLOS_TELEMETRY")
+    finally:
+        await nc.close()

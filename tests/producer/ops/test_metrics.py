@@ -121,3 +121,20 @@ def test_histogram_buckets_are_cumulative() -> None:
         h.observe(value)
     assert h.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert h.count == 4 and h.total == 7.65
+
+
+async def test_exported_names_are_the_ones_dashboards_and_alerts_use(
+    nats_server: EmbeddedNats,
+) -> None:
+    from tests.deploy.test_deploy import METRICS
+
+    async with running_producer(nats_server.url) as (p, _, _base):
+        assert p.metrics_address is not None
+        host, port = p.metrics_address
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as r:
+            text = await r.text()
+    names = {
+        f.name + "_total" if f.type == "counter" else f.name
+        for f in text_string_to_metric_families(text)
+    }
+    assert names == METRICS, (names - METRICS, METRICS - names)
