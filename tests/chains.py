@@ -19,10 +19,12 @@ def new_signer(kid: str | None = None) -> Signer:
     return Signer(Ed25519PrivateKey.generate(), kid)
 
 
-def envelope(cell: str, run: str, type_: str, fields: dict[str, Any], n: int) -> dict[str, Any]:
+def envelope(
+    cell: str, run: str, type_: str, fields: dict[str, Any], n: int, chain_id: str
+) -> dict[str, Any]:
     return {
         "specversion": "1.0",
-        "id": f"{cell}-{run}-{n}",
+        "id": f"{chain_id}-{n}",
         "source": "urn:cellos:host:hv-01",
         "subject": cell,
         "type": type_,
@@ -50,7 +52,9 @@ class ChainBuilder:
         self.payloads: list[bytes] = []
 
     def _add(self, type_: str, fields: dict[str, Any], *, sign: bool) -> bytes:
-        event = envelope(self.cell, self.run, type_, fields, self.sealer.sequence + 1)
+        event = envelope(
+            self.cell, self.run, type_, fields, self.sealer.sequence + 1, self.chain_id
+        )
         payload = self.sealer.seal(event, sign=sign).payload
         self.payloads.append(payload)
         return payload

@@ -315,15 +315,15 @@ def test_nothing_at_all() -> None:
 
 
 def test_group_chains_keeps_stream_order_and_unattributed_messages() -> None:
-    a = full_chain(SIGNER, "cell-1", "r").payloads
-    b = full_chain(SIGNER, "cell-2", "r").payloads
-    c = full_chain(SIGNER, "cell-1", "r2").payloads
+    chains = [full_chain(SIGNER, "cell-1", "r"), full_chain(SIGNER, "cell-2", "r")]
+    chains.append(full_chain(SIGNER, "cell-1", "r2"))
+    a, b, c = (chain.payloads for chain in chains)
     mixed = [p for trio in zip(a, b, c, strict=True) for p in trio] + [b"junk", b"{}"]
     groups = group_chains(mixed)
     assert groups == {
-        ("cell-1", "r"): a,
-        ("cell-2", "r"): b,
-        ("cell-1", "r2"): c,
+        chains[0].chain_id: a,
+        chains[1].chain_id: b,
+        chains[2].chain_id: c,
         UNATTRIBUTED: [b"junk", b"{}"],
     }
     assert all(verify_chain(g, TRUST).ok for k, g in groups.items() if k != UNATTRIBUTED)
