@@ -118,10 +118,9 @@ def prepare(
             )
     event_id = body.get("id")
     chain, _, id_sequence = event_id.rpartition("-") if type(event_id) is str else ("", "", "")
-    data = body.get("data")
-    data_ok = type(data) is dict
-    if not data_ok:
-        data = {}
+    found = body.get("data")
+    data_ok = isinstance(found, dict)
+    data: dict[str, Any] = found if isinstance(found, dict) else {}
     type_ = body.get("type")
     type_ = type_ if type(type_) is str else ""
     cell = _str(data.get("cellId"))
@@ -149,7 +148,9 @@ def prepare(
     )
 
 
-def _signature(body: dict[str, Any], full: bytes, trust: Mapping[str, bytes]) -> tuple[str | None, int]:
+def _signature(
+    body: dict[str, Any], full: bytes, trust: Mapping[str, bytes]
+) -> tuple[str | None, int]:
     kid = body.get("signkid")
     signature = body.get("signature")
     if kid is None and signature is None:

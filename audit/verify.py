@@ -285,7 +285,9 @@ class ChainState:
         """A message that is not an event of any chain; it still counts as a problem."""
         error = error or event.error or "not an event"
         where = f"message #{event.index}" + (f" on {event.subject}" if event.subject else "")
-        self._say(None, Reason.MALFORMED, error if error.startswith("seq ") else f"{where}: {error}")
+        self._say(
+            None, Reason.MALFORMED, error if error.startswith("seq ") else f"{where}: {error}"
+        )
 
     def _redelivered(self, event: Prepared) -> None:
         known = self._digests.get(event.sequence)
@@ -306,7 +308,9 @@ class ChainState:
                 self.duplicates.append(sequence)
         else:
             self._say(
-                sequence, Reason.CONFLICTING_DUPLICATE, f"seq {sequence}: two different events carry it"
+                sequence,
+                Reason.CONFLICTING_DUPLICATE,
+                f"seq {sequence}: two different events carry it",
             )
 
     # -- the checks ---------------------------------------------------------------------
@@ -407,7 +411,9 @@ class ChainState:
                 f"seq {sequence}: signkid and signature must come together",
             )
         elif state == SIG_UNTRUSTED:
-            self._say(sequence, Reason.UNKNOWN_KEY, f"seq {sequence}: signed with untrusted key {kid!r}")
+            self._say(
+                sequence, Reason.UNKNOWN_KEY, f"seq {sequence}: signed with untrusted key {kid!r}"
+            )
         elif state == SIG_INVALID:
             self._say(sequence, Reason.BAD_SIGNATURE, f"seq {sequence}: signature does not verify")
         if state != SIG_VALID or kid is None:
@@ -486,11 +492,15 @@ class ChainState:
             ok = False
         elif raw is not None and self.trust[kid] != raw:
             self._say(
-                sequence, reason, f"seq {sequence}: {kind}'s publicKey is not the trusted key {kid!r}"
+                sequence,
+                reason,
+                f"seq {sequence}: {kind}'s publicKey is not the trusted key {kid!r}",
             )
             ok = False
         if event.kid != kid:
-            self._say(sequence, reason, f"seq {sequence}: {kind} is not signed by the key it announces")
+            self._say(
+                sequence, reason, f"seq {sequence}: {kind} is not signed by the key it announces"
+            )
             ok = False
         return ok
 
@@ -518,7 +528,11 @@ class ChainState:
             )
         head_hash = data.get("headHash")
         expected = previous.digest if previous is not None else event.prevhash
-        if type(head_hash) is not str or not DIGEST_RE.fullmatch(head_hash) or head_hash != expected:
+        if (
+            type(head_hash) is not str
+            or not DIGEST_RE.fullmatch(head_hash)
+            or head_hash != expected
+        ):
             self._say(
                 sequence,
                 Reason.BAD_CHECKPOINT,
@@ -681,9 +695,7 @@ class StreamVerifier:
                 old.verdict = Verdict.SUPERSEDED
         if self._stray.problems_total:
             reports.append(self._stray.finish())
-        return sorted(
-            reports, key=lambda r: (r.cell_id or "", r.run_id or "", r.first_time or "")
-        )
+        return sorted(reports, key=lambda r: (r.cell_id or "", r.run_id or "", r.first_time or ""))
 
 
 def verify_chain(

@@ -20,7 +20,7 @@ def new_signer(kid: str | None = None) -> Signer:
 
 
 def envelope(
-    cell: str, run: str, type_: str, fields: dict[str, Any], n: int, chain_id: str
+    cell: str, run: str, type_: str, fields: dict[str, Any], n: int, *, chain_id: str
 ) -> dict[str, Any]:
     return {
         "specversion": "1.0",
@@ -53,7 +53,7 @@ class ChainBuilder:
 
     def _add(self, type_: str, fields: dict[str, Any], *, sign: bool) -> bytes:
         event = envelope(
-            self.cell, self.run, type_, fields, self.sealer.sequence + 1, self.chain_id
+            self.cell, self.run, type_, fields, self.sealer.sequence + 1, chain_id=self.chain_id
         )
         payload = self.sealer.seal(event, sign=sign).payload
         self.payloads.append(payload)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from audit.errors import AuditError, TrustFileError
+from audit.options import add_verify_arguments
 from producer import __version__
 from producer.errors import ConfigError, KeyFileError, ProducerError
 
@@ -103,19 +104,15 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser(
         "verify",
-        help="read chains back from JetStream and verify them (exit 1 on failure)",
+        help="verify chains from JetStream or an export (exit 1 unless all intact)",
         description=(
-            "Read every chain (or one cell's) back from JetStream and check sequence "
-            "contiguity, prevhash links, signatures against the trust file, opened first and "
-            "sealed last. Prints one line per chain; exits 1 if any chain fails."
+            "Read every chain (or one cell's) back from JetStream, or from an export file, "
+            "and check sequence, prevhash links, signatures against the trust file, seals "
+            "and recorded heads; one verdict per chain. Exits 1 unless every chain is "
+            "intact. The same command as `cellos-audit verify`."
         ),
     )
-    verify.add_argument("--nats-url", required=True, metavar="URL")
-    verify.add_argument("--trust", required=True, metavar="FILE", help="trust file (SPEC 5.4)")
-    verify.add_argument("--cell", metavar="ID", help="only this cell's chains")
-    verify.add_argument("--stream", default="CELLOS_TELEMETRY")
-    verify.add_argument("--subject-prefix", default="cellos.telemetry")
-    verify.add_argument("--json", action="store_true", help="print the reports as JSON")
+    add_verify_arguments(verify)
     return p
 
 
@@ -207,18 +204,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from audit.cli import verify_from_nats
+    from audit.cli import run_verify
 
-    return asyncio.run(
-        verify_from_nats(
-            args.nats_url,
-            trust_path=args.trust,
-            stream=args.stream,
-            subject_prefix=args.subject_prefix,
-            cell=args.cell,
-            as_json=args.json,
-        )
-    )
+    return asyncio.run(run_verify(args))
 
 
 COMMANDS = {

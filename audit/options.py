@@ -1,0 +1,50 @@
+"""Command-line options shared by ``cellos-audit`` and ``cellos-producer verify``.
+
+Kept free of NATS and crypto imports so that building a parser (``--help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Final
+
+DEFAULT_STREAM: Final = "CELLOS_TELEMETRY"
+DEFAULT_PREFIX: Final = "cellos.telemetry"
+DEFAULT_HEADS_BUCKET: Final = "CELLOS_CHAIN_HEADS"
+
+
+def add_connection(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("NATS connection")
+    g.add_argument("--nats-url", metavar="URL", required=required, help="nats://host:4222")
+    g.add_argument("--creds", metavar="FILE", help="NATS credentials file (.creds)")
+    g.add_argument("--user", help="user name (with --password)")
+    g.add_argument("--password", help="password for --user")
+    g.add_argument("--token", help="authentication token")
+    g.add_argument("--nkey", metavar="FILE", help="file holding an NKey seed")
+    g.add_argument("--tls-ca", metavar="FILE", help="CA bundle to verify the server with")
+    g.add_argument("--tls-cert", metavar="FILE", help="client certificate (with --tls-key)")
+    g.add_argument("--tls-key", metavar="FILE", help="client certificate's key")
+    g.add_argument("--stream", default=DEFAULT_STREAM, help=f"stream (default {DEFAULT_STREAM})")
+    g.add_argument(
+        "--subject-prefix", default=DEFAULT_PREFIX, help=f"subject prefix ({DEFAULT_PREFIX})"
+    )
+    g.add_argument(
+        "--heads-bucket",
+        default=DEFAULT_HEADS_BUCKET,
+        help=f"key-value bucket of recorded chain heads ({DEFAULT_HEADS_BUCKET})",
+    )
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``verify`` options; shared with ``cellos-producer verify``."""
+    add_connection(p, required=False)
+    p.add_argument("--jsonl", metavar="FILE", help="verify an export or JSON-lines file offline")
+    p.add_argument("--cell", metavar="ID", help="only this cell's chains (its subjects only)")
+    p.add_argument("--trust", required=True, metavar="FILE", help="trust file (SPEC 5.4)")
+    p.add_argument(
+        "--require-sealed", action="store_true", help="also fail chains that are still open"
+    )
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument(
+        "--workers", type=int, default=None, help="verifying processes (default: one per CPU)"
+    )
