@@ -22,7 +22,7 @@ import datetime as dt
 import secrets
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -164,7 +164,8 @@ class Broker:
 
     def _denied(self, subject: str) -> bool:
         """Whether the server reported refusing ``subject`` since the last check."""
-        found = any(f'"{subject}"' in report or subject in report for report in self._refused)
+        # nats-py lowercases the server's -ERR text
+        found = any(subject.lower() in report.lower() for report in self._refused)
         if found:
             self._refused.clear()
         return found
@@ -282,7 +283,7 @@ class Broker:
         *,
         follow: bool = False,
         until_ns: int | None = None,
-    ) -> AsyncIterator[Received]:
+    ) -> AsyncGenerator[Received, None]:
         """Messages on ``subject_filter`` in stream order, from ``start``; without
         ``follow``, up to the last one stored when the read caught up, and not past
         ``until_ns`` (stored time)."""
@@ -338,10 +339,10 @@ class _OrderedReader:
             **start.config(),
         }
         version = nc.connected_server_version
-        if (version.major, version.minor) >= (2, 10):
+        if (version.major, version.minor) >= (2, 9):
             subject = f"{_API}.CONSUMER.CREATE.{self._stream}.{name}.{self._filter}"
         else:
-            # nats-server 2.9 knows no filter in the subject (docs/consumers.md).
+            # before 2.9 the subject names no filter, so no permission can scope it
             del config["name"]
             subject = f"{_API}.CONSUMER.CREATE.{self._stream}"
         body = {"stream_name": self._stream, "config": config}
