@@ -77,7 +77,7 @@ async def configured_server(tmp: Path, binary: str) -> AsyncIterator[int]:
     path = tmp / "server.conf"
     path.write_text(json.dumps(config))
     with (tmp / "server.log").open("wb") as log:
-        proc = subprocess.Popen([binary, "-c", str(path)], stdout=log, stderr=log)
+        proc = subprocess.Popen([binary, "-c", str(path)], stdout=log, stderr=log)  # noqa: ASYNC220
     try:
         port = await _port(tmp, proc)
         yield port
