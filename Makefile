@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schemas clean
+.PHONY: demo test lint bench bench-verify schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/e2e.py $(ARGS)
+
+bench-verify: $(STAMP)
+	$(BIN)/python bench/verify.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

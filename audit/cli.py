@@ -450,11 +450,11 @@ def _verdict(r: ChainReport, require_sealed: bool) -> str:
     if r.verdict == Verdict.UNANCHORED:
         return f"UNANCHORED: open, last event at {r.last_time}, no recorded head to prove the end"
     if r.verdict == Verdict.SUPERSEDED:
-        return f"intact, superseded by chain {r.superseded_by}"
+        return f"superseded by chain {r.superseded_by} (intact up to its head)"
     if r.verdict == Verdict.INTACT_OPEN:
         tail = " (--require-sealed)" if require_sealed else ""
-        return f"intact, open: head seq {r.head_sequence}, last event at {r.last_time}{tail}"
-    return "intact, sealed"
+        return f"open (intact to head seq {r.head_sequence}; last event at {r.last_time}){tail}"
+    return "sealed"
 
 
 def _facts(r: ChainReport) -> list[str]:

@@ -59,7 +59,20 @@ class ChainBuilder:
         self.payloads.append(payload)
         return payload
 
-    def opened(self, *, sign: bool = True, announce: Signer | None = None) -> bytes:
+    def rotate(self, signer: Signer) -> None:
+        """Continue the chain under another key, as a producer reloading its key does."""
+        self.signer = signer
+        self.sealer = ChainSealer(
+            signer, sequence=self.sealer.sequence, head_hash=self.sealer.head_hash
+        )
+
+    def opened(
+        self,
+        *,
+        sign: bool = True,
+        announce: Signer | None = None,
+        supersedes: dict[str, Any] | None = None,
+    ) -> bytes:
         """``announce``: the key opened names, if not the one that signs it."""
         named = announce or self.signer
         return self._add(
@@ -73,10 +86,22 @@ class ChainBuilder:
                 "socketPath": f"/run/cellos/{self.cell}.vsock_9001",
                 "probeTargets": {"nft": {"family": "inet", "table": "cell_7"}},
                 "signingMode": "adaptive",
-                "supersedes": None,
+                "supersedes": supersedes,
             },
             sign=sign,
         )
+
+    def resumed(self, *, clean: bool = True) -> bytes:
+        """A restarted producer continuing the chain, under the builder's current key."""
+        fields = {
+            "previousStopAt": AT,
+            "clean": clean,
+            "hostId": "hv-01",
+            "producerVersion": "0.1.1",
+            "signkid": self.signer.kid,
+            "publicKey": self.signer.public_key_b64,
+        }
+        return self._add(CHAIN_TYPE + "resumed", fields, sign=True)
 
     def guest(self, pid: int = 4242, *, sign: bool = True, monotonic_ns: int = 10**12) -> bytes:
         """A guest event; ``monotonic_ns`` is written as the decimal string events carry."""

@@ -200,7 +200,7 @@ def test_cli_verdicts_and_exit_codes(pristine: Pristine, tmp_path: Path) -> None
 
     sealed = _cli("verify", "--jsonl", str(good), "--trust", str(trust), "--require-sealed")
     assert sealed.returncode == 1, sealed
-    assert "intact, open" in sealed.stdout and "--require-sealed" in sealed.stdout
+    assert "open (intact to head seq" in sealed.stdout and "--require-sealed" in sealed.stdout
 
     failed = _cli("verify", "--jsonl", str(bad), "--trust", str(trust))
     assert failed.returncode == 1, failed
