@@ -38,7 +38,7 @@ from producer.chain.events import (
     guest_event,
 )
 from producer.chain.sealer import ChainSealer
-from producer.chain.signing import generate_key_file
+from producer.chain.signing import Signer, generate_key_file
 from producer.delivery.heads import open_bucket
 from producer.delivery.stream import ensure_stream
 from producer.guest.simulator import frames
@@ -57,7 +57,7 @@ class Row:
     max_rss_mb: float
 
 
-async def fill(url: str, key_file: str, events: int, cells: int) -> None:
+async def fill(url: str, key_file: str, events: int, cells: int) -> Signer:
     """Publish ``events`` signed events over ``cells`` sealed chains, and their heads."""
     signer = generate_key_file(key_file)
     nc = await nats.connect(url)
@@ -133,6 +133,7 @@ async def fill(url: str, key_file: str, events: int, cells: int) -> None:
         await kv.put(head.key, msgspec.json.encode(head))
     await js.publish_async_completed()
     await nc.close()
+    return signer
 
 
 def timed(args: list[str]) -> tuple[float, float]:
@@ -161,15 +162,12 @@ def main() -> None:
         asyncio.run(server.start())
         try:
             t0 = time.perf_counter()
-            asyncio.run(fill(server.url, f"{tmp}/signing.key", args.events, args.cells))
+            signer = asyncio.run(fill(server.url, f"{tmp}/signing.key", args.events, args.cells))
             print(
                 f"stream filled: {args.events} events, {args.cells} chains "
                 f"({time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )
-            from producer.chain.signing import Signer
-
-            signer = Signer.load(f"{tmp}/signing.key")
             trust = f"{tmp}/trust.json"
             merge_trust(trust, signer.kid, signer.public_raw)
             audit = [str(BIN / "cellos-audit")]
