@@ -235,7 +235,6 @@ class ChainState:
         self.key_spans: list[KeySpan] = []
         self.restarts: list[Restart] = []
         self.supersedes: Supersedes | None = None
-        self.superseded_by: str | None = None
         self.retained_from: int | None = None
         self._head_seen = False
 
@@ -550,10 +549,6 @@ class ChainState:
 
     # -- the end ------------------------------------------------------------------------
 
-    def digest_at(self, sequence: int) -> str | None:
-        """The digest of one of the chain's latest events, if still remembered."""
-        return self._digests.get(sequence)
-
     def _end(self) -> None:
         """The end-of-chain findings: events after a seal, a tail cut before the head."""
         if self.sealed_at is not None and self._after_seal:
@@ -597,8 +592,6 @@ class ChainState:
             verdict = Verdict.TRUNCATED
         elif sealed:
             verdict = Verdict.INTACT_SEALED
-        elif self.superseded_by is not None:
-            verdict = Verdict.SUPERSEDED
         elif self._head is not None:
             verdict = Verdict.INTACT_OPEN
         else:
@@ -630,7 +623,7 @@ class ChainState:
             key_spans=self.key_spans,
             restarts=self.restarts,
             supersedes=self.supersedes,
-            superseded_by=self.superseded_by,
+            superseded_by=None,
             retained_from=self.retained_from,
             head_sequence=self._head[0] if self._head is not None else None,
         )
