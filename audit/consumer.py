@@ -12,7 +12,7 @@ import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from audit.events import Received, rfc3339
 from audit.export import ExportHeader, ExportReader, ExportWriter
@@ -57,10 +57,20 @@ async def replay(
 ) -> AsyncIterator[Received]:
     """The scope's messages from the start (or a time, or a stream sequence) up to the
     last one stored when the replay caught up (or ``until``)."""
-    until_ns = int(until.timestamp() * 1e9) if until is not None else None
+    until_ns = _ns(until) if until is not None else None
     start = Start(sequence=from_seq, time=since)
     async for message in broker.messages(scope.stream, scope.subjects, start, until_ns=until_ns):
         yield message
+
+
+def _ns(when: dt.datetime) -> int:
+    """Nanoseconds since the epoch, exactly (a float timestamp loses the microseconds)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return (when - _EPOCH) // dt.timedelta(microseconds=1) * 1000
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 async def follow(
