@@ -202,6 +202,7 @@ async def _replay(args: argparse.Namespace) -> int:
 
 async def _export(args: argparse.Namespace) -> int:
     async with await Broker.connect(_connect_options(args)) as broker:
+        progress = _Progress(sys.stderr, verb="exported")
         with _open(args.out, write=True) as out:
             count = await export(
                 broker,
@@ -210,7 +211,9 @@ async def _export(args: argparse.Namespace) -> int:
                 since=args.since,
                 until=args.until,
                 from_seq=args.from_seq,
+                progress=progress,
             )
+    progress.done()
     print(f"wrote {count} event(s) to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -494,11 +497,14 @@ def _facts(r: ChainReport) -> list[str]:
 
 
 class _Progress:
-    """``verified N/M events`` on a terminal, redrawn at most twice a second; nothing when
-    the stream is not a terminal."""
+    """``verified N/M events`` (or another verb) on a terminal, redrawn at most twice a
+    second; nothing when the stream is not a terminal."""
 
-    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO, clock: Callable[[], float] = time.monotonic, *, verb: str = "verified"
+    ) -> None:
         self._out = out
+        self._verb = verb
         self._tty = out.isatty()
         self._clock = clock
         self._start = clock()
@@ -511,7 +517,7 @@ class _Progress:
         self._drawn = now
         rate = done / max(now - self._start, 1e-9)
         of = f"/{total}" if total else ""
-        self._out.write(f"\rverified {done}{of} events ({rate:,.0f}/s)\x1b[K")
+        self._out.write(f"\r{self._verb} {done}{of} events ({rate:,.0f}/s)\x1b[K")
         self._out.flush()
 
     def done(self) -> None:

@@ -22,7 +22,7 @@ from audit.source import Broker, ConnectOptions, Start, StreamState
 from audit.verify import ChainReport, StreamVerifier
 
 Progress = Callable[[int, int | None], None]
-"""Called as messages are verified: (done, total or None)."""
+"""Called now and then during a long read: (messages so far, total or None)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ async def export(
     until: dt.datetime | None = None,
     from_seq: int | None = None,
     now: Callable[[], float] = time.time,
+    progress: Progress | None = None,
 ) -> int:
     """Write the scope's events and chain heads to ``out`` (docs: audit/export.py); returns
     the number of events written."""
@@ -180,9 +181,12 @@ async def export(
     for head in sorted(heads.values(), key=lambda h: h.key):
         writer.head(head)
     count = 0
+    total = state.last_seq - first + 1 if scope.cell is None else None
     async for message in replay(broker, scope, since=since, until=until, from_seq=from_seq):
         writer.message(message)
         count += 1
+        if progress is not None and not count % 1024:
+            progress(count, total)
     return count
 
 
