@@ -21,6 +21,9 @@ from audit.pipeline import Message, Preparer
 from audit.source import Broker, ConnectOptions, Start, StreamState
 from audit.verify import ChainReport, StreamVerifier
 
+PARALLEL_FROM: Final = 20_000
+"""Below this many messages starting worker processes costs more than it saves."""
+
 Progress = Callable[[int, int | None], None]
 """Called now and then during a long read: (messages so far, total or None)."""
 
@@ -92,11 +95,16 @@ async def verify_stream(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> Verification:
-    """Verify every chain in the scope, reading the stream once in bounded memory."""
+    """Verify every chain in the scope, reading the stream once in bounded memory.
+
+    ``workers``: processes checking signatures (None: one per CPU for a stream of at least
+    :data:`PARALLEL_FROM` messages, else none; 0: all in this process)."""
     state = await broker.stream_state(scope.stream, scope.subjects if scope.cell else None)
     total = sum(state.subjects.values()) if scope.cell else state.messages
     heads = await broker.heads(scope.heads_bucket, scope.cell)  # before the events
     verifier = StreamVerifier(trust, heads=heads, trimmed=state.first_seq > 1)
+    if workers is None and total < PARALLEL_FROM:
+        workers = 0
 
     async def messages() -> AsyncIterator[Message]:
         async for m in replay(broker, scope):
