@@ -227,12 +227,22 @@ async def _verify(args: argparse.Namespace) -> int:
     if args.jsonl is not None:
         with _open(args.jsonl, write=False) as lines:
             result = await verify_file(
-                args.jsonl, lines, trust, workers=args.workers, progress=progress
+                args.jsonl,
+                lines,
+                trust,
+                workers=args.workers,
+                every_signature=args.every_signature,
+                progress=progress,
             )
     else:
         async with await Broker.connect(_connect_options(args)) as broker:
             result = await verify_stream(
-                broker, _scope(args), trust, workers=args.workers, progress=progress
+                broker,
+                _scope(args),
+                trust,
+                workers=args.workers,
+                every_signature=args.every_signature,
+                progress=progress,
             )
     progress.done()
     return report_verification(result, args.json, args.require_sealed, sys.stdout)

@@ -93,12 +93,15 @@ async def verify_stream(
     trust: dict[str, bytes],
     *,
     workers: int | None = None,
+    every_signature: bool = False,
     progress: Progress | None = None,
 ) -> Verification:
     """Verify every chain in the scope, reading the stream once in bounded memory.
 
     ``workers``: processes checking signatures (None: one per CPU for a stream of at least
-    :data:`PARALLEL_FROM` messages, else none; 0: all in this process)."""
+    :data:`PARALLEL_FROM` messages, else none; 0: all in this process).
+    ``every_signature``: check each signature directly, rather than anchors plus the hash
+    links (see :mod:`audit.pipeline`)."""
     state = await broker.stream_state(scope.stream, scope.subjects if scope.cell else None)
     total = sum(state.subjects.values()) if scope.cell else state.messages
     heads = await broker.heads(scope.heads_bucket, scope.cell)  # before the events
@@ -111,7 +114,11 @@ async def verify_stream(
             yield (m.raw, m.subject, m.stream_seq)
 
     await _run(
-        verifier, Preparer(trust, prefix=scope.prefix, workers=workers), messages(), total, progress
+        verifier,
+        Preparer(trust, prefix=scope.prefix, workers=workers, every_signature=every_signature),
+        messages(),
+        total,
+        progress,
     )
     return Verification(reports=verifier.finish(), messages=verifier.messages, stream=state)
 
@@ -122,6 +129,7 @@ async def verify_file(
     trust: dict[str, bytes],
     *,
     workers: int | None = None,
+    every_signature: bool = False,
     progress: Progress | None = None,
 ) -> Verification:
     """Verify an export (or a bare JSON-lines file of events) offline."""
@@ -137,7 +145,11 @@ async def verify_file(
             yield (m.raw, m.subject, m.stream_seq)
 
     await _run(
-        verifier, Preparer(trust, prefix=prefix, workers=workers), messages(), None, progress
+        verifier,
+        Preparer(trust, prefix=prefix, workers=workers, every_signature=every_signature),
+        messages(),
+        None,
+        progress,
     )
     return Verification(reports=verifier.finish(), messages=verifier.messages, stream=None)
 

@@ -46,6 +46,11 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument(
+        "--every-signature",
+        action="store_true",
+        help="check every signature directly (default: anchors, the rest through the hash links)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,

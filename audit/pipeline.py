@@ -3,7 +3,10 @@
 Signature verification is most of a verifier's CPU, and each message's signature, digest
 and canonical form depend on that message alone, so batches of messages go to a pool of
 worker processes (:func:`audit.prepare.prepare` there) while the calling process reads the
-stream and walks the links in order. Results come back in submission order, and at most
+stream and walks the links in order. By default only anchor signatures are checked there
+(:func:`audit.prepare.is_anchor`); the in-order checks cover the others through the hash
+links, or check them when something around them looks wrong; ``every_signature`` checks
+all of them here. Results come back in submission order, and at most
 ``inflight`` batches are out at once, so memory stays bounded whatever the stream's length.
 
 ``workers=0`` prepares in the calling process: the single-process verifier, and the
@@ -36,6 +39,7 @@ _decode_batch: Final = msgspec.msgpack.Decoder(list[Prepared]).decode
 
 _trust: Mapping[str, bytes] = {}
 _prefix: str | None = None
+_every: bool = True
 
 
 def default_workers() -> int:
@@ -43,29 +47,51 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _init(trust: Mapping[str, bytes], prefix: str | None) -> None:
-    global _trust, _prefix
-    _trust, _prefix = trust, prefix
+def _init(trust: Mapping[str, bytes], prefix: str | None, every: bool) -> None:
+    global _trust, _prefix, _every
+    _trust, _prefix, _every = trust, prefix, every
+
+
+def _prepare_all(
+    first: int,
+    batch: list[Message],
+    trust: Mapping[str, bytes],
+    prefix: str | None,
+    every_signature: bool,
+) -> list[Prepared]:
+    return [
+        prepare(
+            raw,
+            first + i,
+            trust,
+            subject=subject,
+            stream_seq=seq,
+            prefix=prefix,
+            every_signature=every_signature,
+        )
+        for i, (raw, subject, seq) in enumerate(batch)
+    ]
 
 
 def _prepare_batch(first: int, batch: list[Message]) -> bytes:
     """Runs in a worker: msgpack is far cheaper to move back than pickled objects."""
-    return _encode(
-        [
-            prepare(raw, first + i, _trust, subject=subject, stream_seq=seq, prefix=_prefix)
-            for i, (raw, subject, seq) in enumerate(batch)
-        ]
-    )
+    return _encode(_prepare_all(first, batch, _trust, _prefix, _every))
 
 
 class Preparer:
     """Maps messages to :class:`Prepared` facts, in order, in ``workers`` processes."""
 
     def __init__(
-        self, trust: Mapping[str, bytes], *, prefix: str | None, workers: int | None = None
+        self,
+        trust: Mapping[str, bytes],
+        *,
+        prefix: str | None,
+        workers: int | None = None,
+        every_signature: bool = False,
     ) -> None:
         self._trust = dict(trust)
         self._prefix = prefix
+        self._every = every_signature
         self.workers = default_workers() if workers is None else workers
         self._inflight = 2 * self.workers + 1
         self._pool: Executor | None = None
@@ -76,7 +102,7 @@ class Preparer:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init,
-                initargs=(self._trust, self._prefix),
+                initargs=(self._trust, self._prefix, self._every),
             )
         return self
 
@@ -86,10 +112,7 @@ class Preparer:
             self._pool = None
 
     def _inline(self, first: int, batch: list[Message]) -> list[Prepared]:
-        return [
-            prepare(raw, first + i, self._trust, subject=s, stream_seq=q, prefix=self._prefix)
-            for i, (raw, s, q) in enumerate(batch)
-        ]
+        return _prepare_all(first, batch, self._trust, self._prefix, self._every)
 
     async def map(self, messages: AsyncIterable[Message]) -> AsyncIterator[Prepared]:
         """Prepared facts of ``messages``, in their order; the event loop keeps reading

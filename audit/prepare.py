@@ -34,6 +34,14 @@ SIG_UNTRUSTED: Final = 3
 """Signed under a key id the trust file does not list."""
 SIG_HALF: Final = 4
 """Only one of ``signkid`` and ``signature``, or either not a string."""
+SIG_DEFERRED: Final = 5
+"""Signed under a trusted key id and not checked here: the in-order checks either cover
+it with a later verified signature through the hash links, or check it themselves
+(:class:`audit.verify.ChainState`), from ``signed_bytes`` and ``raw_signature``."""
+
+ANCHOR_EVERY: Final = 64
+"""Every event whose sequence is a multiple of this, and every chain event, has its
+signature checked where it is prepared (in parallel); see :func:`is_anchor`."""
 
 _decode: Final = msgspec.json.decode
 _encode_sorted: Final = msgspec.json.Encoder(order="sorted").encode
@@ -70,6 +78,14 @@ class Prepared(msgspec.Struct, array_like=True, gc=False):
     """``data`` of chain events (opened, checkpoint, gap, resumed, sealed) only."""
     expected_subject: str | None = None
     """The subject this event belongs on, when it was read from one that differs."""
+    signed_bytes: bytes = b""
+    """For a deferred signature: the bytes it signs and the raw signature."""
+    raw_signature: bytes = b""
+
+
+def is_anchor(sequence: int, type_: str) -> bool:
+    """Whether an event's signature is checked where it is prepared, whatever follows."""
+    return sequence % ANCHOR_EVERY == 0 or type_.startswith(CHAIN_TYPE)
 
 
 def prepare(
@@ -80,11 +96,14 @@ def prepare(
     subject: str | None = None,
     stream_seq: int | None = None,
     prefix: str | None = None,
+    every_signature: bool = True,
 ) -> Prepared:
     """Decode, canonicalize, hash and check the signature of one structured-mode event.
 
     ``prefix`` is the subject prefix; with ``subject`` it lets the attribution check say
-    whether the message sits on the subject its own ``subject``/``type`` name.
+    whether the message sits on the subject its own ``subject``/``type`` name. Without
+    ``every_signature``, only anchors (:func:`is_anchor`) are checked here and the other
+    signatures are deferred (:data:`SIG_DEFERRED`).
     """
     try:
         body = _decode(raw)
@@ -124,7 +143,8 @@ def prepare(
     type_ = body.get("type")
     type_ = type_ if type(type_) is str else ""
     cell = _str(data.get("cellId"))
-    kid, state = _signature(body, full, trust)
+    check = every_signature or is_anchor(sequence, type_)
+    kid, state, signed, raw_signature = _signature(body, full, trust, check)
     return Prepared(
         index,
         subject,
@@ -145,26 +165,32 @@ def prepare(
         data_ok=data_ok,
         data=data if type_.startswith(CHAIN_TYPE) else None,
         expected_subject=_misplaced(subject, prefix, body.get("subject"), type_),
+        signed_bytes=signed,
+        raw_signature=raw_signature,
     )
 
 
 def _signature(
-    body: dict[str, Any], full: bytes, trust: Mapping[str, bytes]
-) -> tuple[str | None, int]:
+    body: dict[str, Any], full: bytes, trust: Mapping[str, bytes], check: bool
+) -> tuple[str | None, int, bytes, bytes]:
+    """(kid, state, and for a deferred check the signed bytes and raw signature)."""
     kid = body.get("signkid")
     signature = body.get("signature")
     if kid is None and signature is None:
-        return None, SIG_NONE
+        return None, SIG_NONE, b"", b""
     if type(kid) is not str or type(signature) is not str:
-        return (kid if type(kid) is str else None), SIG_HALF
+        return (kid if type(kid) is str else None), SIG_HALF, b"", b""
     key = trust.get(kid)
     if key is None:
-        return kid, SIG_UNTRUSTED
+        return kid, SIG_UNTRUSTED, b"", b""
     raw_signature = b64url_decode(signature, SIGNATURE_SIZE)
     if raw_signature is None:
-        return kid, SIG_INVALID
-    ok = verify_detached(key, _signed_bytes(body, full, signature), raw_signature)
-    return kid, SIG_VALID if ok else SIG_INVALID
+        return kid, SIG_INVALID, b"", b""
+    signed = _signed_bytes(body, full, signature)
+    if not check:
+        return kid, SIG_DEFERRED, signed, raw_signature
+    ok = verify_detached(key, signed, raw_signature)
+    return kid, SIG_VALID if ok else SIG_INVALID, b"", b""
 
 
 def _signed_bytes(body: dict[str, Any], full: bytes, signature: str) -> bytes:

@@ -24,8 +24,9 @@ from typing import Any, Final
 import msgspec
 
 from audit.digest import DIGEST_RE, format_sequence
-from audit.keys import PUBLIC_KEY_SIZE, b64url_decode
+from audit.keys import PUBLIC_KEY_SIZE, b64url_decode, verify_detached
 from audit.prepare import (
+    SIG_DEFERRED,
     SIG_HALF,
     SIG_INVALID,
     SIG_NONE,
@@ -54,6 +55,8 @@ less than that."""
 DIGEST_WINDOW: Final = 8192
 """Digests of a chain's latest events kept to compare redeliveries with: a re-publish
 after an outage longer than the duplicate window lands within twice the in-flight bound."""
+DEFERRED_WINDOW: Final = 256
+"""Deferred signatures held before the newest one is checked to cover them all."""
 SHOWN_PROBLEMS: Final = 50
 LISTED: Final = 1000
 """Cap on the per-chain lists (gaps, duplicates, restarts, key spans): counts go on."""
@@ -133,7 +136,8 @@ class Restart(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class KeySpan(msgspec.Struct, kw_only=True):
-    """A run of consecutive validly signed events under one key id."""
+    """A run of consecutive signed events naming one trusted key id (an invalid signature
+    among them is reported as a problem)."""
 
     kid: str
     first: int
@@ -237,6 +241,8 @@ class ChainState:
         self.supersedes: Supersedes | None = None
         self.retained_from: int | None = None
         self._head_seen = False
+        self._deferred: list[Prepared] = []
+        """Events whose signature is deferred, since the last verified one (in order)."""
 
     # -- feeding ------------------------------------------------------------------------
 
@@ -260,6 +266,8 @@ class ChainState:
         """Check what is still held (reporting the holes before it) and close the report."""
         while self._pending:
             self._skip_hole()
+        if self._deferred and not self._check_newest_deferred():
+            self._check_deferred()
         return self._report()
 
     def _drain(self) -> None:
@@ -321,6 +329,9 @@ class ChainState:
         say = self._say
         if previous is not None and previous.sequence != sequence - 1:
             previous = None
+        if previous is None and self._deferred:
+            self._check_deferred()  # a hole: no later signature can cover them
+        problems_before = self.problems_total
         first = self._last is None
         self._last = event
         self.events += 1
@@ -385,6 +396,42 @@ class ChainState:
                     f"seq {sequence}: digest differs from the recorded chain head",
                 )
         self._chain_event(event, previous)
+        self._cover(event, suspect=self.problems_total > problems_before)
+
+    def _cover(self, event: Prepared, *, suspect: bool) -> None:
+        """Deferred signatures: a verified signature with every link up to it intact
+        authenticates every earlier byte of the chain (deferred signatures included), so
+        those are only checked one by one when something around them looks wrong, or
+        when the newest of too many has to be checked to cover the rest."""
+        if suspect:
+            self._check_deferred()
+        elif event.signature == SIG_VALID:
+            self._deferred.clear()
+        elif len(self._deferred) > DEFERRED_WINDOW and not self._check_newest_deferred():
+            self._check_deferred()
+
+    def _check_newest_deferred(self) -> bool:
+        """Check the newest deferred signature; True when it verifies (covering the rest)."""
+        newest = self._deferred[-1]
+        if self._verifies(newest):
+            self._deferred.clear()
+            return True
+        return False
+
+    def _check_deferred(self) -> None:
+        """Check every deferred signature, reporting each that fails."""
+        for event in self._deferred:
+            if not self._verifies(event):
+                sequence = event.sequence
+                self._say(
+                    sequence, Reason.BAD_SIGNATURE, f"seq {sequence}: signature does not verify"
+                )
+                self.signed -= 1
+        self._deferred.clear()
+
+    def _verifies(self, event: Prepared) -> bool:
+        key = self.trust.get(event.kid or "")
+        return key is not None and verify_detached(key, event.signed_bytes, event.raw_signature)
 
     def _identify(self, first: Prepared) -> None:
         """Fix the chain's identity from its first event (opened, or the first retained)."""
@@ -415,16 +462,20 @@ class ChainState:
             )
         elif state == SIG_INVALID:
             self._say(sequence, Reason.BAD_SIGNATURE, f"seq {sequence}: signature does not verify")
-        if state != SIG_VALID or kid is None:
+        if state not in (SIG_VALID, SIG_DEFERRED, SIG_INVALID) or kid is None:
             return False
-        self.signed += 1
-        self.last_signed = sequence
-        spans = self.key_spans
+        spans = self.key_spans  # by the trusted key each event names (bad ones are problems)
         if spans and spans[-1].kid == kid:
             spans[-1].last = sequence
             spans[-1].signed += 1
         elif len(spans) < LISTED:
             spans.append(KeySpan(kid=kid, first=sequence, last=sequence, signed=1))
+        if state == SIG_INVALID:
+            return False
+        if state == SIG_DEFERRED:
+            self._deferred.append(event)
+        self.signed += 1
+        self.last_signed = sequence
         return True
 
     def _chain_event(self, event: Prepared, previous: Prepared | None) -> None:

@@ -30,9 +30,12 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
     return build(tmp_path_factory.mktemp("tamper"))
 
 
-def _offline(data: bytes, trust: dict[str, bytes], workers: int = 0) -> list[ChainReport]:
+def _offline(
+    data: bytes, trust: dict[str, bytes], workers: int = 0, *, every: bool = False
+) -> list[ChainReport]:
     lines = data.splitlines(keepends=True)
-    return asyncio.run(verify_file("export", lines, trust, workers=workers)).reports
+    result = verify_file("export", lines, trust, workers=workers, every_signature=every)
+    return asyncio.run(result).reports
 
 
 def _by_chain(reports: list[ChainReport]) -> dict[tuple[str, str], ChainReport]:
@@ -64,17 +67,19 @@ def test_the_pristine_export_verifies(pristine: Pristine) -> None:
     assert all(r.ok and r.problems == [] and r.signed == r.events for r in reports)
 
 
+@pytest.mark.parametrize("every", [False, True], ids=["anchored", "every-signature"])
 @pytest.mark.parametrize("fault", FAULTS)
-def test_each_fault_is_flagged_offline(pristine: Pristine, fault: str) -> None:
+def test_each_fault_is_flagged_offline(pristine: Pristine, fault: str, every: bool) -> None:
     altered, expected = FAULTS[fault](pristine)
-    _judge(_offline(altered.render(), pristine.trust), expected)
+    _judge(_offline(altered.render(), pristine.trust, every=every), expected)
 
 
 def test_worker_processes_find_what_one_process_finds(pristine: Pristine) -> None:
     for fault in ("changed-data", "spliced", "resigned-untrusted"):
         altered, expected = FAULTS[fault](pristine)
         data = altered.render()
-        inline, parallel = _offline(data, pristine.trust), _offline(data, pristine.trust, 2)
+        inline = _offline(data, pristine.trust, every=True)
+        parallel = _offline(data, pristine.trust, 2)
         assert parallel == inline
         _judge(parallel, expected)
 

@@ -14,6 +14,7 @@ from audit.canonical import canonical
 from audit.digest import digest_of
 from audit.prepare import prepare
 from audit.verify import (
+    DEFERRED_WINDOW,
     UNATTRIBUTED,
     ChainReport,
     Reason,
@@ -481,3 +482,63 @@ def test_problems_are_capped_and_counted() -> None:
     assert report.problems_total > len(report.problems) == 50
     assert report.problem_counts["unknown-key"] == 122  # opened's key, then every signature
     assert report.first_problem is not None and report.first_problem.sequence == 1
+
+
+# ---- deferred signatures: anchors plus the hash links
+
+
+def _states(payloads: list[bytes], *, every: bool) -> tuple[ChainReport, int]:
+    """Verify one chain with deferred (or every) signature checks; also return the most
+    deferred signatures it held at once."""
+    from audit.verify import ChainState
+
+    state = ChainState(None, TRUST)
+    most = 0
+    for i, payload in enumerate(payloads):
+        state.add(prepare(payload, i, TRUST, every_signature=every))
+        most = max(most, len(state._deferred))
+    return state.finish(), most
+
+
+def _long_chain(events: int = 700) -> ChainBuilder:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for pid in range(events):
+        b.guest(pid)
+    return b
+
+
+def test_deferred_signatures_are_bounded_and_reach_the_same_verdict() -> None:
+    b = _long_chain()
+    deferred, most = _states(b.payloads, every=False)
+    every, none_held = _states(b.payloads, every=True)
+    assert deferred == every and deferred.ok and deferred.signed == 701
+    assert none_held == 0 and 0 < most <= DEFERRED_WINDOW + 1
+
+
+def test_a_rewritten_run_between_anchors_is_found_event_by_event() -> None:
+    # the attacker edits seq 100 and re-links seq 101 to it: 101's link holds, its
+    # signature does not, and 102's link breaks; no anchor lies in between
+    payloads = _long_chain().payloads
+    edited = _edit(payloads[99], lambda e: e["data"].update(guestComm="evil"))
+    relinked = _edit(payloads[100], lambda e: e.update(prevhash=digest_of(edited)))
+    altered = [*payloads[:99], edited, relinked, *payloads[101:]]
+    deferred, _ = _states(altered, every=False)
+    every, _ = _states(altered, every=True)
+    assert (
+        deferred.problems
+        == every.problems
+        == [
+            "seq 100: signature does not verify",
+            "seq 101: signature does not verify",
+            "seq 102: prevhash is not the digest of seq 101",
+        ]
+    )
+    assert deferred.signed == every.signed == 699
+
+
+def test_a_forged_last_event_is_checked_at_the_end() -> None:
+    payloads = _long_chain(70).payloads  # the last event, seq 71, is no anchor
+    forged = _edit(payloads[-1], lambda e: e["data"].update(guestPid=1))
+    report, _ = _states([*payloads[:-1], forged], every=False)
+    assert report.problems == ["seq 71: signature does not verify"]
