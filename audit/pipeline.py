@@ -25,7 +25,7 @@ from typing import Final
 
 import msgspec
 
-from audit.prepare import Prepared, prepare
+from audit.prepare import SIG_DEFERRED, Prepared, prepare
 
 BATCH: Final = 256
 """Messages per batch: large enough that the per-batch cost (a pickle, a pipe round trip)
@@ -74,8 +74,21 @@ def _prepare_all(
 
 
 def _prepare_batch(first: int, batch: list[Message]) -> bytes:
-    """Runs in a worker: msgpack is far cheaper to move back than pickled objects."""
-    return _encode(_prepare_all(first, batch, _trust, _prefix, _every))
+    """Runs in a worker: msgpack is far cheaper to move back than pickled objects, and the
+    messages themselves stay behind (the caller still has them; see :func:`_returned`)."""
+    prepared = _prepare_all(first, batch, _trust, _prefix, _every)
+    for p in prepared:
+        p.raw = b""
+    return _encode(prepared)
+
+
+def _returned(encoded: bytes, batch: list[Message]) -> list[Prepared]:
+    """A worker's results, with deferred events given their message back."""
+    prepared = _decode_batch(encoded)
+    for p, (raw, _, _) in zip(prepared, batch, strict=True):
+        if p.signature == SIG_DEFERRED:
+            p.raw = raw
+    return prepared
 
 
 class Preparer:
@@ -118,7 +131,7 @@ class Preparer:
         """Prepared facts of ``messages``, in their order; the event loop keeps reading
         while the workers check signatures."""
         loop = asyncio.get_running_loop()
-        pending: deque[asyncio.Future[bytes]] = deque()
+        pending: deque[tuple[asyncio.Future[bytes], list[Message]]] = deque()
         batch: list[Message] = []
         index = 0
         async for message in messages:
@@ -129,9 +142,11 @@ class Preparer:
                 for prepared in self._inline(index, batch):
                     yield prepared
             else:
-                pending.append(loop.run_in_executor(self._pool, _prepare_batch, index, batch))
-                while len(pending) > self._inflight or (pending and pending[0].done()):
-                    for prepared in _decode_batch(await pending.popleft()):
+                work = loop.run_in_executor(self._pool, _prepare_batch, index, batch)
+                pending.append((work, batch))
+                while len(pending) > self._inflight or (pending and pending[0][0].done()):
+                    work, done = pending.popleft()
+                    for prepared in _returned(await work, done):
                         yield prepared
             index += len(batch)
             batch = []
@@ -140,7 +155,8 @@ class Preparer:
                 yield prepared
             return
         if batch:
-            pending.append(loop.run_in_executor(self._pool, _prepare_batch, index, batch))
+            pending.append((loop.run_in_executor(self._pool, _prepare_batch, index, batch), batch))
         while pending:
-            for prepared in _decode_batch(await pending.popleft()):
+            work, done = pending.popleft()
+            for prepared in _returned(await work, done):
                 yield prepared

@@ -36,8 +36,8 @@ SIG_HALF: Final = 4
 """Only one of ``signkid`` and ``signature``, or either not a string."""
 SIG_DEFERRED: Final = 5
 """Signed under a trusted key id and not checked here: the in-order checks either cover
-it with a later verified signature through the hash links, or check it themselves
-(:class:`audit.verify.ChainState`), from ``signed_bytes`` and ``raw_signature``."""
+it with a later verified signature through the hash links, or check it themselves from
+``raw`` (:class:`audit.verify.ChainState`)."""
 
 ANCHOR_EVERY: Final = 64
 """Every event whose sequence is a multiple of this, and every chain event, has its
@@ -78,9 +78,9 @@ class Prepared(msgspec.Struct, array_like=True, gc=False):
     """``data`` of chain events (opened, checkpoint, gap, resumed, sealed) only."""
     expected_subject: str | None = None
     """The subject this event belongs on, when it was read from one that differs."""
-    signed_bytes: bytes = b""
-    """For a deferred signature: the bytes it signs and the raw signature."""
-    raw_signature: bytes = b""
+    raw: bytes = b""
+    """The message, kept only while its signature is deferred (never sent between
+    processes: :mod:`audit.pipeline` puts it back)."""
 
 
 def is_anchor(sequence: int, type_: str) -> bool:
@@ -144,7 +144,7 @@ def prepare(
     type_ = type_ if type(type_) is str else ""
     cell = _str(data.get("cellId"))
     check = every_signature or is_anchor(sequence, type_)
-    kid, state, signed, raw_signature = _signature(body, full, trust, check)
+    kid, state = _signature(body, full, trust, check)
     return Prepared(
         index,
         subject,
@@ -165,32 +165,29 @@ def prepare(
         data_ok=data_ok,
         data=data if type_.startswith(CHAIN_TYPE) else None,
         expected_subject=_misplaced(subject, prefix, body.get("subject"), type_),
-        signed_bytes=signed,
-        raw_signature=raw_signature,
+        raw=raw if state == SIG_DEFERRED else b"",
     )
 
 
 def _signature(
     body: dict[str, Any], full: bytes, trust: Mapping[str, bytes], check: bool
-) -> tuple[str | None, int, bytes, bytes]:
-    """(kid, state, and for a deferred check the signed bytes and raw signature)."""
+) -> tuple[str | None, int]:
     kid = body.get("signkid")
     signature = body.get("signature")
     if kid is None and signature is None:
-        return None, SIG_NONE, b"", b""
+        return None, SIG_NONE
     if type(kid) is not str or type(signature) is not str:
-        return (kid if type(kid) is str else None), SIG_HALF, b"", b""
+        return (kid if type(kid) is str else None), SIG_HALF
     key = trust.get(kid)
     if key is None:
-        return kid, SIG_UNTRUSTED, b"", b""
+        return kid, SIG_UNTRUSTED
     raw_signature = b64url_decode(signature, SIGNATURE_SIZE)
     if raw_signature is None:
-        return kid, SIG_INVALID, b"", b""
-    signed = _signed_bytes(body, full, signature)
+        return kid, SIG_INVALID
     if not check:
-        return kid, SIG_DEFERRED, signed, raw_signature
-    ok = verify_detached(key, signed, raw_signature)
-    return kid, SIG_VALID if ok else SIG_INVALID, b"", b""
+        return kid, SIG_DEFERRED
+    ok = verify_detached(key, _signed_bytes(body, full, signature), raw_signature)
+    return kid, SIG_VALID if ok else SIG_INVALID
 
 
 def _signed_bytes(body: dict[str, Any], full: bytes, signature: str) -> bytes:

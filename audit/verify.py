@@ -24,7 +24,7 @@ from typing import Any, Final
 import msgspec
 
 from audit.digest import DIGEST_RE, format_sequence
-from audit.keys import PUBLIC_KEY_SIZE, b64url_decode, verify_detached
+from audit.keys import PUBLIC_KEY_SIZE, b64url_decode
 from audit.prepare import (
     SIG_DEFERRED,
     SIG_HALF,
@@ -430,8 +430,7 @@ class ChainState:
         self._deferred.clear()
 
     def _verifies(self, event: Prepared) -> bool:
-        key = self.trust.get(event.kid or "")
-        return key is not None and verify_detached(key, event.signed_bytes, event.raw_signature)
+        return prepare(event.raw, event.index, self.trust).signature == SIG_VALID
 
     def _identify(self, first: Prepared) -> None:
         """Fix the chain's identity from its first event (opened, or the first retained)."""
