@@ -148,7 +148,8 @@ def tree_rss_mb(pid: int) -> float:
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:
             continue
-        total += next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
+        rss = [int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:")]
+        total += sum(rss)  # none for a process already exiting
         todo.extend(int(c) for c in children)
     return total / 1024
 
