@@ -18,12 +18,13 @@ why, lists the first few problems and counts the rest by reason.
 from __future__ import annotations
 
 import enum
+from array import array
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
 
-from audit.digest import DIGEST_RE, format_sequence
+from audit.digest import DIGEST_PREFIX, DIGEST_RE, format_sequence
 from audit.keys import PUBLIC_KEY_SIZE, b64url_decode
 from audit.prepare import (
     SIG_DEFERRED,
@@ -198,6 +199,32 @@ class ChainReport(msgspec.Struct, kw_only=True):
         return self.verdict in INTACT
 
 
+class _DigestRing:
+    """The digests of a chain's last :data:`DIGEST_WINDOW` events, 40 bytes each (a dict
+    of strings would take about four times that), grown only as the chain does."""
+
+    __slots__ = ("_digests", "_sequences")
+
+    def __init__(self) -> None:
+        self._digests = bytearray()
+        self._sequences = array("q")
+
+    def put(self, sequence: int, digest: str) -> None:
+        slot = (sequence - 1) % DIGEST_WINDOW
+        missing = slot + 1 - len(self._sequences)
+        if missing > 0:  # sequence 0 marks a slot never filled
+            self._sequences.extend([0] * missing)
+            self._digests += bytes(32 * missing)
+        self._sequences[slot] = sequence
+        self._digests[32 * slot : 32 * slot + 32] = bytes.fromhex(digest[len(DIGEST_PREFIX) :])
+
+    def get(self, sequence: int) -> str | None:
+        slot = (sequence - 1) % DIGEST_WINDOW
+        if slot >= len(self._sequences) or self._sequences[slot] != sequence:
+            return None
+        return DIGEST_PREFIX + self._digests[32 * slot : 32 * slot + 32].hex()
+
+
 class ChainState:
     """The in-order checks of one chain, fed :class:`Prepared` events in any order close
     to sequence order."""
@@ -220,7 +247,7 @@ class ChainState:
         self.run_id: str | None = None
         self._pending: dict[int, Prepared] = {}
         self._last: Prepared | None = None
-        self._digests: dict[int, str] = {}
+        self._digests = _DigestRing()
         self._problems: list[tuple[int, int, Problem]] = []
         self.problems_total = 0
         self.problem_counts: dict[str, int] = {}
@@ -339,8 +366,7 @@ class ChainState:
             self.first_sequence = sequence
             self.first_time = event.time
             self._identify(event)
-        self._digests[sequence] = event.digest
-        self._digests.pop(sequence - DIGEST_WINDOW, None)
+        self._digests.put(sequence, event.digest)
         if not event.canonical and len(self.noncanonical) < LISTED:
             self.noncanonical.append(sequence)
 

@@ -15,6 +15,7 @@ from audit.digest import digest_of
 from audit.prepare import prepare
 from audit.verify import (
     DEFERRED_WINDOW,
+    DIGEST_WINDOW,
     UNATTRIBUTED,
     ChainReport,
     Reason,
@@ -542,3 +543,18 @@ def test_a_forged_last_event_is_checked_at_the_end() -> None:
     forged = _edit(payloads[-1], lambda e: e["data"].update(guestPid=1))
     report, _ = _states([*payloads[:-1], forged], every=False)
     assert report.problems == ["seq 71: signature does not verify"]
+
+
+def test_redeliveries_are_compared_within_the_digest_window_only() -> None:
+    b = _long_chain(DIGEST_WINDOW + 200)
+    last = len(b.payloads)
+    recent, old = b.payloads[last - 100], b.payloads[99]  # seq last-99 and seq 100
+    (report,) = _stream([*b.payloads, recent, old], TRUST)
+    assert report.duplicates == [last - 99]
+    assert report.problems == [
+        "seq 100: arrived out of place, after the chain had moved on "
+        "(too far to compare or to check its links)"
+    ]
+    # a chain whose retained history starts late still remembers what it saw
+    (trimmed,) = _stream([*b.payloads[5000:], b.payloads[5100]], TRUST, trimmed=True)
+    assert trimmed.retained_from == 5001 and trimmed.duplicates == [5101] and trimmed.ok
