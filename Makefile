@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-probes schemas clean host-tools
+.PHONY: demo test lint bench bench-probes bench-verify schemas clean host-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)
 
 bench-probes: $(STAMP) host-tools
 	$(BIN)/python bench/probe_cost.py $(ARGS)
+
+bench-verify: $(STAMP)
+	$(BIN)/python bench/verify.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

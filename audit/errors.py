@@ -56,3 +56,41 @@ class ConnectOptionsError(AuditError):
         self.reason = reason
         where = f" ({path})" if path is not None else ""
         super().__init__(f"nats {field}{where}: {reason}")
+
+
+class EventError(AuditError):
+    """A message does not decode into the contract's types (or into an SDK event)."""
+
+    def __init__(self, stream_seq: int | None, reason: str) -> None:
+        self.stream_seq = stream_seq
+        self.reason = reason
+        where = f"stream seq {stream_seq}: " if stream_seq is not None else ""
+        super().__init__(f"{where}{reason}")
+
+
+class NotFoundError(SourceError):
+    """A stream (or bucket) the caller named does not exist."""
+
+    def __init__(self, what: str, name: str) -> None:
+        self.what = what
+        self.name = name
+        super().__init__(f"{what} {name} not found")
+
+
+class AccessDeniedError(SourceError):
+    """The NATS user may not publish (or subscribe) to a subject the operation needs:
+    typically an auditor scoped to one cell asking for another."""
+
+    def __init__(self, subject: str, action: str) -> None:
+        self.subject = subject
+        self.action = action
+        super().__init__(f"not permitted: {action} ({subject}); check this user's permissions")
+
+
+class ExportFormatError(SourceError):
+    """An export or JSON-lines file is not in the expected shape."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        self.path = path
+        self.line = line
+        super().__init__(f"{path}:{line}: {reason}")

@@ -19,10 +19,12 @@ def new_signer(kid: str | None = None) -> Signer:
     return Signer(Ed25519PrivateKey.generate(), kid)
 
 
-def envelope(cell: str, run: str, type_: str, fields: dict[str, Any], n: int) -> dict[str, Any]:
+def envelope(
+    cell: str, run: str, type_: str, fields: dict[str, Any], n: int, *, chain_id: str
+) -> dict[str, Any]:
     return {
         "specversion": "1.0",
-        "id": f"{cell}-{run}-{n}",
+        "id": f"{chain_id}-{n}",
         "source": "urn:cellos:host:hv-01",
         "subject": cell,
         "type": type_,
@@ -50,12 +52,27 @@ class ChainBuilder:
         self.payloads: list[bytes] = []
 
     def _add(self, type_: str, fields: dict[str, Any], *, sign: bool) -> bytes:
-        event = envelope(self.cell, self.run, type_, fields, self.sealer.sequence + 1)
+        event = envelope(
+            self.cell, self.run, type_, fields, self.sealer.sequence + 1, chain_id=self.chain_id
+        )
         payload = self.sealer.seal(event, sign=sign).payload
         self.payloads.append(payload)
         return payload
 
-    def opened(self, *, sign: bool = True, announce: Signer | None = None) -> bytes:
+    def rotate(self, signer: Signer) -> None:
+        """Continue the chain under another key, as a producer reloading its key does."""
+        self.signer = signer
+        self.sealer = ChainSealer(
+            signer, sequence=self.sealer.sequence, head_hash=self.sealer.head_hash
+        )
+
+    def opened(
+        self,
+        *,
+        sign: bool = True,
+        announce: Signer | None = None,
+        supersedes: dict[str, Any] | None = None,
+    ) -> bytes:
         """``announce``: the key opened names, if not the one that signs it."""
         named = announce or self.signer
         return self._add(
@@ -69,10 +86,22 @@ class ChainBuilder:
                 "socketPath": f"/run/cellos/{self.cell}.vsock_9001",
                 "probeTargets": {"nft": {"family": "inet", "table": "cell_7"}},
                 "signingMode": "adaptive",
-                "supersedes": None,
+                "supersedes": supersedes,
             },
             sign=sign,
         )
+
+    def resumed(self, *, clean: bool = True) -> bytes:
+        """A restarted producer continuing the chain, under the builder's current key."""
+        fields = {
+            "previousStopAt": AT,
+            "clean": clean,
+            "hostId": "hv-01",
+            "producerVersion": "0.1.1",
+            "signkid": self.signer.kid,
+            "publicKey": self.signer.public_key_b64,
+        }
+        return self._add(CHAIN_TYPE + "resumed", fields, sign=True)
 
     def guest(self, pid: int = 4242, *, sign: bool = True, monotonic_ns: int = 10**12) -> bytes:
         """A guest event; ``monotonic_ns`` is written as the decimal string events carry."""

@@ -16,9 +16,9 @@ from typing import Any
 
 import jsonschema
 import msgspec
-import nats
 
-from audit.replay import fetch_history
+from audit.consumer import Scope, replay
+from audit.source import Broker, ConnectOptions
 from audit.verify import ChainReport, verify_chain
 from producer.chain.signing import Signer, generate_key_file
 from producer.guest.simulator import run_guest
@@ -96,11 +96,8 @@ def assert_valid_event(payload: bytes) -> None:
 
 async def history(url: str, cell_id: str, *, stream: str = "CELLOS_TELEMETRY") -> list[bytes]:
     """A cell's events as published, each checked against the envelope schema."""
-    nc = await nats.connect(url)
-    try:
-        payloads = await fetch_history(nc, stream=stream, subject=f"cellos.telemetry.{cell_id}.>")
-    finally:
-        await nc.close()
+    async with await Broker.connect(ConnectOptions(url=url)) as broker:
+        payloads = [m.raw async for m in replay(broker, Scope(stream=stream, cell=cell_id))]
     for payload in payloads:
         assert_valid_event(payload)
     return payloads

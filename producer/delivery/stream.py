@@ -144,6 +144,7 @@ def stream_config(
         deny_delete=True,
         deny_purge=True,
         allow_rollup_hdrs=False,
+        allow_direct=True,
     )
 
 
@@ -228,6 +229,11 @@ def check_stream_config(
     if config.max_msg_size is not None and config.max_msg_size > 0:
         warnings.append(
             f"max_msg_size is {config.max_msg_size} bytes: larger events will be refused"
+        )
+    if not config.allow_direct:
+        warnings.append(
+            "allow_direct is off: auditors cannot read a cell's latest event with a direct "
+            "get (cellos-audit cells falls back to a consumer)"
         )
     if config.allow_msg_ttl:
         warnings.append(

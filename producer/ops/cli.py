@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from audit.errors import AuditError, ConnectOptionsError, TrustFileError
+from audit.options import add_verify_arguments
 from producer import __version__
 from producer.errors import (
     ConfigError,
@@ -31,8 +31,6 @@ DEFAULT_CONTROL_SOCKET = "/var/lib/cellos-producer/control.sock"
 DEFAULT_CONFIG = "/etc/cellos-producer/config.toml"
 CONFIG_ENV = "CELLOS_PRODUCER_CONFIG"
 
-if TYPE_CHECKING:
-    from audit.connect import NatsAuth
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -188,26 +186,15 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser(
         "verify",
-        help="read chains back from JetStream and verify them (exit 1 on failure)",
+        help="verify chains from JetStream or an export (exit 1 unless all intact)",
         description=(
-            "Read every chain (or one cell's) back from JetStream and check sequence "
-            "contiguity, prevhash links, signatures against the trust file, opened first and "
-            "sealed last. Prints one line per chain; exits 1 if any chain fails."
+            "Read every chain (or one cell's) back from JetStream, or from an export file, "
+            "and check sequence, prevhash links, signatures against the trust file, seals "
+            "and recorded heads; one verdict per chain. Exits 1 unless every chain is "
+            "intact. The same command as `cellos-audit verify`."
         ),
     )
-    verify.add_argument("--nats-url", required=True, metavar="URL", help="the NATS server")
-    verify.add_argument("--trust", required=True, metavar="FILE", help="trust file (SPEC 5.4)")
-    verify.add_argument("--cell", metavar="ID", help="only this cell's chains")
-    verify.add_argument(
-        "--stream", default="CELLOS_TELEMETRY", help="stream name (default CELLOS_TELEMETRY)"
-    )
-    verify.add_argument(
-        "--subject-prefix",
-        default="cellos.telemetry",
-        help="subject prefix (default cellos.telemetry)",
-    )
-    verify.add_argument("--json", action="store_true", help="print the reports as JSON")
-    _add_nats_security(verify)
+    add_verify_arguments(verify)
     return p
 
 
@@ -222,36 +209,6 @@ def _control_options(p: argparse.ArgumentParser) -> None:
         "--config", "-c", metavar="FILE", help="find the control socket from this config"
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
-
-
-# Flag -> NatsAuth field; the same settings as the daemon's [nats] keys of those names.
-_SECURITY_FLAGS = {
-    "--user": ("user", "NAME", "user name (password from --password-file)"),
-    "--password-file": ("password_file", "FILE", "file holding the user's password"),
-    "--token-file": ("token_file", "FILE", "file holding an authentication token"),
-    "--nkey-seed-file": ("nkey_seed_file", "FILE", "file holding an NKey user seed"),
-    "--creds": ("credentials", "FILE", "NATS .creds file (user JWT + NKey seed)"),
-    "--tls-ca": ("tls_ca_file", "FILE", "CA bundle that verifies the server"),
-    "--tls-cert": ("tls_cert_file", "FILE", "client certificate (mutual TLS)"),
-    "--tls-key": ("tls_key_file", "FILE", "client certificate's private key"),
-    "--tls-hostname": ("tls_hostname", "NAME", "name the server certificate must carry"),
-}
-
-
-def _add_nats_security(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "NATS security", "as the daemon's [nats] keys of the same names; secrets only in files"
-    )
-    for flag, (field, metavar, text) in _SECURITY_FLAGS.items():
-        group.add_argument(flag, dest=f"nats_{field}", metavar=metavar, help=text)
-
-
-def _nats_auth(args: argparse.Namespace) -> NatsAuth:
-    from audit.connect import NatsAuth
-
-    return NatsAuth(
-        **{field: getattr(args, f"nats_{field}") for field, *_ in _SECURITY_FLAGS.values()}
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -387,19 +344,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from audit.cli import verify_from_nats
+    from audit.cli import run_verify
 
-    return asyncio.run(
-        verify_from_nats(
-            args.nats_url,
-            trust_path=args.trust,
-            stream=args.stream,
-            subject_prefix=args.subject_prefix,
-            cell=args.cell,
-            as_json=args.json,
-            auth=_nats_auth(args),
-        )
-    )
+    return asyncio.run(run_verify(args))
 
 
 def _cmd_spool(args: argparse.Namespace) -> int:

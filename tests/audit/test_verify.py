@@ -12,8 +12,20 @@ import pytest
 
 from audit.canonical import canonical
 from audit.digest import digest_of
-from audit.verify import UNATTRIBUTED, ChainReport, group_chains, verify_chain
+from audit.prepare import prepare
+from audit.verify import (
+    DEFERRED_WINDOW,
+    DIGEST_WINDOW,
+    UNATTRIBUTED,
+    ChainReport,
+    Reason,
+    StreamVerifier,
+    Verdict,
+    group_chains,
+    verify_chain,
+)
 from producer.chain.signing import Signer
+from schemas.heads import ChainHead
 from tests.chains import ChainBuilder, full_chain, new_signer
 
 OPENED_TYPE = "dev.cellos.events.cell.observability.chain.v1.opened"
@@ -315,15 +327,15 @@ def test_nothing_at_all() -> None:
 
 
 def test_group_chains_keeps_stream_order_and_unattributed_messages() -> None:
-    a = full_chain(SIGNER, "cell-1", "r").payloads
-    b = full_chain(SIGNER, "cell-2", "r").payloads
-    c = full_chain(SIGNER, "cell-1", "r2").payloads
+    chains = [full_chain(SIGNER, "cell-1", "r"), full_chain(SIGNER, "cell-2", "r")]
+    chains.append(full_chain(SIGNER, "cell-1", "r2"))
+    a, b, c = (chain.payloads for chain in chains)
     mixed = [p for trio in zip(a, b, c, strict=True) for p in trio] + [b"junk", b"{}"]
     groups = group_chains(mixed)
     assert groups == {
-        ("cell-1", "r"): a,
-        ("cell-2", "r"): b,
-        ("cell-1", "r2"): c,
+        chains[0].chain_id: a,
+        chains[1].chain_id: b,
+        chains[2].chain_id: c,
         UNATTRIBUTED: [b"junk", b"{}"],
     }
     assert all(verify_chain(g, TRUST).ok for k, g in groups.items() if k != UNATTRIBUTED)
@@ -357,3 +369,192 @@ def test_recorded_head_tells_a_cut_tail_from_a_quiet_cell() -> None:
     )
     assert not forged.ok
     assert any("recorded chain head" in p for p in forged.problems)
+
+
+# ---- key rotation, restarts, superseded chains (StreamVerifier)
+
+
+def _stream(payloads: list[bytes], trust: dict[str, bytes], **kw: Any) -> list[ChainReport]:
+    verifier = StreamVerifier(trust, **kw)
+    for index, payload in enumerate(payloads):
+        verifier.add(prepare(payload, index, trust))
+    return verifier.finish()
+
+
+def test_a_rotated_key_is_accepted_and_each_keys_span_reported() -> None:
+    old, new = new_signer(), new_signer()
+    b = ChainBuilder(old)
+    b.opened()
+    b.guest(1)
+    b.rotate(new)  # SIGHUP reload: same chain, new signkid
+    b.guest(2)
+    b.resumed()  # a restart announces the key it signs with
+    b.guest(3)
+    b.sealed()
+    trust = {old.kid: old.public_raw, new.kid: new.public_raw}
+    (report,) = _stream(b.payloads, trust)
+    assert report.verdict == Verdict.INTACT_SEALED, report.problems
+    assert [(s.kid, s.first, s.last, s.signed) for s in report.key_spans] == [
+        (old.kid, 1, 2, 2),
+        (new.kid, 3, 6, 4),
+    ]
+    assert [(r.sequence, r.clean, r.signkid) for r in report.restarts] == [(4, True, new.kid)]
+    # without the new key the rotation is the first failure
+    (only_old,) = _stream(b.payloads, {old.kid: old.public_raw})
+    assert only_old.verdict == Verdict.TAMPERED and only_old.first_problem is not None
+    assert (only_old.first_problem.sequence, only_old.first_problem.reason) == (
+        3,
+        Reason.UNKNOWN_KEY,
+    )
+
+
+def test_resumed_must_announce_the_key_that_signs_it() -> None:
+    other = new_signer()
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    b.resumed()
+    forged = _edit(b.payloads[2], lambda e: e["data"].update(signkid=other.kid))
+    resigned = canonical(_resign(msgspec.json.decode(forged), SIGNER))
+    (report,) = _stream([*b.payloads[:2], resigned], {**TRUST, other.kid: other.public_raw})
+    assert report.first_problem is not None
+    assert report.first_problem.reason == Reason.BAD_RESUMED, report.problems
+
+
+def _resign(event: dict[str, Any], signer: Signer) -> dict[str, Any]:
+    body = {k: v for k, v in event.items() if k != "signature"}
+    body["signkid"] = signer.kid
+    body["signature"] = signer.sign(canonical(body))
+    return body
+
+
+def test_a_superseded_chain_is_reported_as_such_from_its_recorded_head() -> None:
+    first = ChainBuilder(SIGNER, run="run-1")
+    first.opened()
+    first.guest(1)
+    head = first.checkpoint()
+    first.guest(2)  # published, but after the last recorded head
+    second = ChainBuilder(SIGNER, run="run-1")
+    second.chain_id = "0" * 15 + "1"
+    second.opened(
+        supersedes={
+            "chainId": first.chain_id,
+            "lastKnownSequence": "00000000000000000003",
+            "lastKnownDigest": digest_of(head),
+            "reason": "spool_lost",
+        }
+    )
+    second.guest(3)
+    heads = {
+        first.chain_id: ChainHead(
+            cell_id="cell-7",
+            run_id="run-1",
+            chain_id=first.chain_id,
+            sequence=3,
+            digest=digest_of(head),
+            event_id=f"{first.chain_id}-3",
+            type="checkpoint",
+        )
+    }
+    reports = {r.chain_id: r for r in _stream(first.payloads + second.payloads, TRUST, heads=heads)}
+    old, new = reports[first.chain_id], reports[second.chain_id]
+    assert old.verdict == Verdict.SUPERSEDED and old.superseded_by == second.chain_id
+    assert new.supersedes is not None and new.supersedes.chain_id == first.chain_id
+    assert new.verdict == Verdict.UNANCHORED  # open, and no head recorded for it
+    # cut before its recorded head, a superseded chain is still truncated
+    cut = {r.chain_id: r for r in _stream(first.payloads[:2] + second.payloads, TRUST, heads=heads)}
+    assert cut[first.chain_id].verdict == Verdict.TRUNCATED
+
+
+def test_a_reordered_stream_is_not_tampering() -> None:
+    b = full_chain(SIGNER)
+    swapped = [*b.payloads[:3], b.payloads[4], b.payloads[3], *b.payloads[5:]]
+    (report,) = _stream(swapped, TRUST)
+    assert report.verdict == Verdict.INTACT_SEALED, report.problems
+
+
+def test_problems_are_capped_and_counted() -> None:
+    mallory = new_signer()
+    b = ChainBuilder(mallory)
+    b.opened()
+    for pid in range(120):
+        b.guest(pid)
+    (report,) = _stream(b.payloads, TRUST)
+    assert report.problems_total > len(report.problems) == 50
+    assert report.problem_counts["unknown-key"] == 122  # opened's key, then every signature
+    assert report.first_problem is not None and report.first_problem.sequence == 1
+
+
+# ---- deferred signatures: anchors plus the hash links
+
+
+def _states(payloads: list[bytes], *, every: bool) -> tuple[ChainReport, int]:
+    """Verify one chain with deferred (or every) signature checks; also return the most
+    deferred signatures it held at once."""
+    from audit.verify import ChainState
+
+    state = ChainState(None, TRUST)
+    most = 0
+    for i, payload in enumerate(payloads):
+        state.add(prepare(payload, i, TRUST, every_signature=every))
+        most = max(most, len(state._deferred))
+    return state.finish(), most
+
+
+def _long_chain(events: int = 700) -> ChainBuilder:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for pid in range(events):
+        b.guest(pid)
+    return b
+
+
+def test_deferred_signatures_are_bounded_and_reach_the_same_verdict() -> None:
+    b = _long_chain()
+    deferred, most = _states(b.payloads, every=False)
+    every, none_held = _states(b.payloads, every=True)
+    assert deferred == every and deferred.ok and deferred.signed == 701
+    assert none_held == 0 and 0 < most <= DEFERRED_WINDOW + 1
+
+
+def test_a_rewritten_run_between_anchors_is_found_event_by_event() -> None:
+    # the attacker edits seq 100 and re-links seq 101 to it: 101's link holds, its
+    # signature does not, and 102's link breaks; no anchor lies in between
+    payloads = _long_chain().payloads
+    edited = _edit(payloads[99], lambda e: e["data"].update(guestComm="evil"))
+    relinked = _edit(payloads[100], lambda e: e.update(prevhash=digest_of(edited)))
+    altered = [*payloads[:99], edited, relinked, *payloads[101:]]
+    deferred, _ = _states(altered, every=False)
+    every, _ = _states(altered, every=True)
+    assert (
+        deferred.problems
+        == every.problems
+        == [
+            "seq 100: signature does not verify",
+            "seq 101: signature does not verify",
+            "seq 102: prevhash is not the digest of seq 101",
+        ]
+    )
+    assert deferred.signed == every.signed == 699
+
+
+def test_a_forged_last_event_is_checked_at_the_end() -> None:
+    payloads = _long_chain(70).payloads  # the last event, seq 71, is no anchor
+    forged = _edit(payloads[-1], lambda e: e["data"].update(guestPid=1))
+    report, _ = _states([*payloads[:-1], forged], every=False)
+    assert report.problems == ["seq 71: signature does not verify"]
+
+
+def test_redeliveries_are_compared_within_the_digest_window_only() -> None:
+    b = _long_chain(DIGEST_WINDOW + 200)
+    last = len(b.payloads)
+    recent, old = b.payloads[last - 100], b.payloads[99]  # seq last-99 and seq 100
+    (report,) = _stream([*b.payloads, recent, old], TRUST)
+    assert report.duplicates == [last - 99]
+    assert report.problems == [
+        "seq 100: arrived out of place, after the chain had moved on "
+        "(too far to compare or to check its links)"
+    ]
+    # a chain whose retained history starts late still remembers what it saw
+    (trimmed,) = _stream([*b.payloads[5000:], b.payloads[5100]], TRUST, trimmed=True)
+    assert trimmed.retained_from == 5001 and trimmed.duplicates == [5101] and trimmed.ok

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 
 from audit.digest import format_sequence
-from audit.heads import read_heads
+from audit.source import Broker, ConnectOptions
 from audit.verify import ChainReport, verify_chain
 from producer.chain.signing import Signer, generate_key_file
 from producer.ops.config import Config
@@ -82,11 +81,10 @@ def kinds(payloads: list[bytes]) -> list[str]:
 
 
 async def heads_of(url: str) -> dict[str, Any]:
-    nc = await nats.connect(url)
-    try:
-        return dict(await read_heads(nc.jetstream(), "CELLOS_CHAIN_HEADS"))
-    finally:
-        await nc.close()
+    """Recorded heads by bucket key (``<cellId>.<runId>.<chainId>``)."""
+    async with await Broker.connect(ConnectOptions(url=url)) as broker:
+        heads = await broker.heads("CELLOS_CHAIN_HEADS")
+    return {h.key: h for h in heads.values()}
 
 
 async def test_a_wiped_data_dir_opens_a_chain_that_supersedes_the_lost_one(

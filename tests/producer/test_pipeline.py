@@ -365,12 +365,10 @@ async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
 
 
 async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> None:
-    import nats
-
     from audit.canonical import canonical
     from audit.cli import collect_reports
     from audit.digest import digest_of
-    from audit.heads import read_heads
+    from audit.source import Broker, ConnectOptions
     from tests.support import trust_of
 
     async with running_producer(nats_server.url) as (p, signer, _):
@@ -381,14 +379,12 @@ async def test_latest_signed_head_is_kept_in_kv(nats_server: EmbeddedNats) -> No
         assert await p.drain(10)
         assert await p.heads.flush(10)
         _, events = await verified(nats_server.url, "cell-1", signer)
-        nc = await nats.connect(nats_server.url)
-        try:
-            heads = await read_heads(nc.jetstream(), "CELLOS_CHAIN_HEADS")
-        finally:
-            await nc.close()
+        async with await Broker.connect(ConnectOptions(url=nats_server.url)) as broker:
+            heads = await broker.heads("CELLOS_CHAIN_HEADS", "cell-1")
         chain_id = events[0]["data"]["chainId"]
-        assert set(heads) == {f"cell-1.run-1.{chain_id}"}  # one key per chain
-        head = heads[f"cell-1.run-1.{chain_id}"]
+        assert set(heads) == {chain_id}  # one key per chain
+        head = heads[chain_id]
+        assert head.key == f"cell-1.run-1.{chain_id}"
         last = events[-1]
         assert last["type"].endswith(".sealed")
         assert head.sealed and head.sequence == int(last["sequence"])

@@ -21,7 +21,14 @@ SIGNER = new_signer()
 
 
 def _event(data: dict[str, Any] | None = None, n: int = 1) -> dict[str, Any]:
-    event = envelope("cell-7", "run-1", "dev.cellos.events.cell.observability.guest.v1.x", {}, n)
+    event = envelope(
+        "cell-7",
+        "run-1",
+        "dev.cellos.events.cell.observability.guest.v1.x",
+        {},
+        n,
+        chain_id="0" * 16,
+    )
     if data is not None:
         event["data"] = data
     return event

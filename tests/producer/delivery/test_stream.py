@@ -248,6 +248,7 @@ def test_broader_subjects_cover_but_a_deeper_wildcard_does_not() -> None:
         ({"max_msg_size": 4096}, "max_msg_size is 4096"),
         ({"allow_msg_ttl": True}, "allow_msg_ttl"),
         ({"persist_mode": "async"}, "persist_mode is async"),
+        ({"allow_direct": False}, "allow_direct is off"),
     ],
 )
 def test_retention_limits_are_warnings(changes: dict[str, Any], warning: str) -> None:
