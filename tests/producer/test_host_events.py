@@ -103,15 +103,25 @@ async def test_a_hanging_probe_does_not_hold_up_guest_events(nats_server: Embedd
 
 
 async def test_agent_silenced_once_after_the_guest_is_killed(nats_server: EmbeddedNats) -> None:
-    async with running_producer(nats_server.url, silence={"window_ms": 1000}) as (p, signer, _):
+    async with running_producer(nats_server.url, cells=0, silence={"window_ms": 1000}) as (
+        p,
+        signer,
+        base,
+    ):
         assert p.registry is not None
-        cell = p.registry.cells["cell-1"]
+        spec = cell_spec(base, 1)
+        # The guest process starts first and retries until the socket exists (as the agent
+        # in a booting VM does), so its start-up time cannot pass for silence.
         guest = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "producer", "simulate-guest",
-            "--socket", cell.socket_path, "--rate", "50",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            "--socket", f"{spec.vsock_uds_base}_9001", "--rate", "50",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        assert guest.stderr is not None
+        await guest.stderr.readline()  # "cannot connect ...; retrying": it is running
+        cell = await p.registry.register(spec)
         await eventually(lambda: cell.counters.accepted >= 20)
+        assert not cell._silenced
         guest.send_signal(signal.SIGKILL)
         await guest.wait()
         last_frame = cell._last_frame_at
@@ -132,7 +142,7 @@ async def test_agent_silenced_once_after_the_guest_is_killed(nats_server: Embedd
     assert len(silenced) == 1
     data = silenced[0]["data"]
     assert isinstance(data, dict)
-    assert data["windowMs"] == 1000 and data["silentForMs"] > 1000  # strictly after the window
+    assert data["windowMs"] == 2000 and data["silentForMs"] > 2000  # strictly after the window
     assert data["lastFrameAt"] == last_frame
     assert verify_chain(payloads, trust_of(signer)).ok
 
