@@ -218,9 +218,25 @@ def _with(
     return _map(replaced)
 
 
-def test_repeated_known_key_is_a_duplicate_before_anything_later() -> None:
-    assert _reason(_with(2, _text("guest_comm"), _text("x"))) == "DuplicateField"
-    assert _reason(_with(4, _text("content_version"), b"\x01")) == "DuplicateField"
+KEYS = ("content_version", "probe_source", "guest_pid", "guest_comm", "guest_monotonic_ns")
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_repeated_known_key_is_a_duplicate_reported_at_the_repeat(key: str) -> None:
+    entries = _entries()
+    first = KEYS.index(key)
+    # The repeat takes the last slot (or, for the last key, the original moves up one).
+    at = 3 if first == 4 else first
+    entries[at], entries[4] = entries[first], entries[first]
+    body = _map(entries)
+    with pytest.raises(BodyError) as info:
+        decode_body(body)
+    assert info.value.reason == "DuplicateField"
+    assert str(info.value) == f"DuplicateField at offset {info.value.offset}: {key} occurs twice"
+    assert info.value.offset == len(body) - len(b"".join(entries[4]))  # the repeated key
+
+
+def test_a_duplicate_is_reported_before_anything_later() -> None:
     later_bad = _entries(ns=b"\xfb")
     assert _reason(_with(3, _text("guest_pid"), b"\x01", later_bad)) == "DuplicateField"
 
