@@ -32,6 +32,15 @@ def _edit(payload: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
     return canonical(event)
 
 
+def _resigned(payload: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """Edit an event and sign it again with SIGNER: what a faulty producer would publish."""
+    event = msgspec.json.decode(payload)
+    change(event)
+    event.pop("signature", None)
+    event["signature"] = SIGNER.sign(canonical(event))
+    return canonical(event)
+
+
 def _assert_problem(report: ChainReport, *fragments: str) -> None:
     assert not report.ok
     text = "\n".join(report.problems)
@@ -239,6 +248,22 @@ def test_event_after_sealed_is_detected() -> None:
     report = _report(b.payloads)
     _assert_problem(report, "seq 10: sealed, yet 2 event(s) follow it")
     assert report.sealed
+
+
+def test_a_second_sealed_does_not_hide_the_events_after_the_first() -> None:
+    b = full_chain(SIGNER)
+    b.guest(200)
+    b.sealed()
+    report = _report(b.payloads)
+    assert report.problems == ["seq 10: sealed, yet 2 event(s) follow it"]
+    assert report.sealed
+
+
+def test_the_first_event_links_to_nothing() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    linked = _resigned(b.payloads[0], lambda e: e.update(prevhash="sha256:" + "0" * 64))
+    assert _report([linked]).problems == ["seq 1: prevhash must be empty"]
 
 
 @pytest.mark.parametrize("kind", ["opened", "checkpoint", "gap", "sealed"])
