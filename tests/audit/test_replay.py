@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,8 +66,9 @@ async def test_subject_without_messages_is_empty_and_fetches_nothing(
 async def test_bare_asyncio_timeout_from_the_client_is_a_source_error(
     nc: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # nats-py 2.16 raises asyncio.TimeoutError itself, not only nats.errors.TimeoutError.
-    asked = _fetch_answering(monkeypatch, asyncio.TimeoutError())
+    # nats-py 2.16 raises a bare asyncio.TimeoutError (the builtin TimeoutError since
+    # Python 3.11) from a fetch, not only its own nats.errors.TimeoutError.
+    asked = _fetch_answering(monkeypatch, TimeoutError())
     with pytest.raises(SourceError, match=r"t\.a from T stopped with 25 message\(s\) due"):
         await fetch_history(nc, stream=STREAM, subject="t.a", batch=10)
     assert asked == [10]
