@@ -97,7 +97,7 @@ def group_chains(payloads: Iterable[bytes]) -> dict[tuple[str, str], list[bytes]
         try:
             data = _chain_key_decoder.decode(payload).data
             key = (data.cellId, data.runId)
-        except msgspec.DecodeError:  # includes ValidationError
+        except (msgspec.DecodeError, RecursionError):  # includes ValidationError
             key = UNATTRIBUTED
         chains.setdefault(key, []).append(payload)
     return chains
@@ -181,6 +181,9 @@ def _parse(index: int, payload: bytes, problems: list[str]) -> _Event | None:
         body = msgspec.json.decode(payload)
     except msgspec.DecodeError:
         problems.append(f"message #{index}: not JSON")
+        return None
+    except RecursionError:  # a hostile message must be reported, not crash the verifier
+        problems.append(f"message #{index}: nested too deeply to read")
         return None
     if type(body) is not dict:
         problems.append(f"message #{index}: not a JSON object")

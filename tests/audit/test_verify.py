@@ -4,6 +4,7 @@ expose is reported."""
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,9 @@ import pytest
 
 from audit.canonical import canonical
 from audit.digest import digest_of
-from audit.verify import UNATTRIBUTED, ChainReport, group_chains, verify_chain
+from audit.verify import UNATTRIBUTED, ChainReport, Gap, group_chains, verify_chain
 from producer.chain.signing import Signer
-from tests.chains import ChainBuilder, full_chain, new_signer
+from tests.chains import AT, ChainBuilder, full_chain, new_signer
 
 OPENED_TYPE = "dev.cellos.events.cell.observability.chain.v1.opened"
 SIGNER = new_signer()
@@ -59,7 +60,9 @@ def test_genuine_sealed_chain_verifies() -> None:
     assert (report.events, report.first_sequence, report.last_sequence) == (10, 1, 10)
     assert report.signed == 6  # opened, guest 102, checkpoint, gap, guest 104, sealed
     assert report.sealed and report.unsigned_tail == 0
-    assert [(g.sequence, g.reason, g.lost_count) for g in report.gaps] == [(8, "queue_full", 3)]
+    assert report.gaps == [
+        Gap(sequence=8, reason="queue_full", lost_count=3, first_lost_at=AT, last_lost_at=AT)
+    ]
     assert report.duplicates == [] and report.noncanonical == []
 
 
@@ -200,7 +203,7 @@ def test_wrong_key_is_detected() -> None:
     chain = full_chain(mallory).payloads
     report = _report(chain)
     _assert_problem(report, "opened names key", "signed with untrusted key", "opened event")
-    assert report.signed == 0
+    assert report.signed == 0 and report.unsigned_tail == report.events
     # Mallory reusing our kid: the key id matches, the signatures do not
     impostor = new_signer(kid=SIGNER.kid)
     _assert_problem(
@@ -266,14 +269,41 @@ def test_the_first_event_links_to_nothing() -> None:
     assert _report([linked]).problems == ["seq 1: prevhash must be empty"]
 
 
-@pytest.mark.parametrize("kind", ["opened", "checkpoint", "gap", "sealed"])
+@pytest.mark.parametrize("kind", ["checkpoint", "gap", "sealed"])
 def test_unsigned_control_event_is_detected(kind: str) -> None:
     b = ChainBuilder(SIGNER)
-    b.opened(sign=kind != "opened")
+    b.opened()
     b.guest(1)
-    if kind != "opened":
-        getattr(b, kind)(sign=False)
-    _assert_problem(_report(b.payloads), f"{kind} event is not validly signed")
+    getattr(b, kind)(sign=False)
+    assert _report(b.payloads).problems == [f"seq 3: {kind} event is not validly signed"]
+
+
+def test_unsigned_opened_is_detected() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened(sign=False)
+    assert _report(b.payloads).problems == [
+        "seq 1: opened is not signed by the key it announces",
+        "seq 1: opened event is not validly signed",
+    ]
+
+
+def test_badly_signed_control_events_are_not_signed() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    checkpoint = b.checkpoint()
+    half = _edit(checkpoint, lambda e: e.pop("signature"))
+    forged = _edit(
+        checkpoint, lambda e: e.update(signature=msgspec.json.decode(b.payloads[1])["signature"])
+    )
+    assert _report([*b.payloads[:2], half]).problems == [
+        "seq 3: signkid and signature must come together",
+        "seq 3: checkpoint event is not validly signed",
+    ]
+    assert _report([*b.payloads[:2], forged]).problems == [
+        "seq 3: signature does not verify",
+        "seq 3: checkpoint event is not validly signed",
+    ]
 
 
 def test_checkpoint_must_name_the_event_before_it() -> None:
@@ -332,7 +362,118 @@ def test_bad_sequence_text_is_detected(bad: object, reason: str) -> None:
 
 def test_nothing_at_all() -> None:
     report = _report([])
-    assert not report.ok and report.events == 0 and report.first_sequence is None
+    assert report.problems == ["chain does not start with an opened event at seq 1"]
+    assert (report.events, report.first_sequence, report.last_sequence) == (0, None, None)
+    assert (report.cell_id, report.run_id, report.chain_id) == (None, None, None)
+
+
+def test_messages_that_are_no_event_are_reported() -> None:
+    chain = full_chain(SIGNER).payloads
+    deep = b"[" * 100_000 + b"]" * 100_000
+    report = _report([chain[0], b"[1]", deep, *chain[1:]])
+    assert report.problems == [
+        "message #1: not a JSON object",
+        "message #2: nested too deeply to read",
+    ]
+
+
+def test_an_event_too_deep_to_canonicalize_is_reported() -> None:
+    # Deep enough that the exact encoder (two frames per object) runs out of stack where
+    # the parser (one level per object) does not; a float keeps it off the fast path.
+    depth = sys.getrecursionlimit() * 2 // 3
+    data = b'{"a":' * depth + b"1.5" + b"}" * depth
+    payload = b'{"sequence":"00000000000000000002","data":' + data + b"}"
+    report = _report([full_chain(SIGNER).payloads[0], payload])
+    assert report.problems == ["seq 2: cannot be canonicalized (value is nested too deeply)"]
+
+
+def test_event_whose_data_is_not_an_object() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    report = _report([b.payloads[0], _resigned(b.payloads[1], lambda e: e.update(data=5))])
+    assert report.problems == [
+        "seq 2: data is not an object",
+        "seq 2: belongs to chain None/None, not 'cell-7'/'run-1'",
+        "seq 2: subject 'cell-7' is not its cellId",
+    ]
+
+
+def test_opened_without_an_object_for_data_names_no_chain() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    report = _report([_resigned(b.payloads[0], lambda e: e.update(data=[])), b.payloads[1]])
+    assert (report.cell_id, report.run_id, report.chain_id) == (None, None, None)
+    assert report.problems == [
+        "seq 1: data is not an object",
+        "seq 1: subject 'cell-7' is not its cellId",
+        "seq 2: prevhash is not the digest of seq 1",
+    ]
+
+
+@pytest.mark.parametrize("key", [5, "not base64url", ""])
+def test_opened_must_carry_a_valid_public_key(key: object) -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    bad = _resigned(b.payloads[0], lambda e: e["data"].update(publicKey=key))
+    assert _report([bad]).problems == ["seq 1: opened carries no valid publicKey"]
+
+
+def test_missing_opened_is_reported_exactly() -> None:
+    chain = full_chain(SIGNER).payloads
+    assert _report(chain[1:]).problems == [
+        "seq 1 missing (an undeclared hole)",
+        "chain does not start with an opened event at seq 1",
+    ]
+
+
+def test_a_hole_is_one_problem_and_the_link_across_it_is_not_judged() -> None:
+    chain = full_chain(SIGNER).payloads
+    assert _report(chain[:2] + chain[3:]).problems == ["seq 3 missing (an undeclared hole)"]
+
+
+def test_checkpoint_after_a_hole_is_judged_by_its_own_prevhash() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    b.guest(2)
+    b.checkpoint()
+    assert _report([*b.payloads[:2], b.payloads[3]]).problems == [
+        "seq 3 missing (an undeclared hole)"
+    ]
+
+
+def test_checkpoint_names_the_event_before_it_not_its_own_prevhash() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    relinked = _resigned(b.checkpoint(), lambda e: e.update(prevhash="sha256:" + "1" * 64))
+    assert _report([*b.payloads[:2], relinked]).problems == [
+        "seq 3: prevhash is not the digest of seq 2"
+    ]
+
+
+@pytest.mark.parametrize("head_hash", [5, None, "sha256:" + "A" * 64])
+def test_checkpoint_head_hash_must_be_the_digest(head_hash: object) -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    fields = {"headSequence": "00000000000000000002", "headHash": head_hash}
+    b._add(OPENED_TYPE.replace("opened", "checkpoint"), fields, sign=True)
+    assert _report(b.payloads).problems == ["seq 3: checkpoint headHash is not the digest of seq 2"]
+
+
+def test_gap_fields_of_the_wrong_type_are_left_out() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    fields = {"reason": 5, "lostCount": "3", "firstLostAt": 1, "lastLostAt": None}
+    b._add(OPENED_TYPE.replace("opened", "gap"), fields, sign=True)
+    report = _report(b.payloads)
+    assert report.ok, report.problems
+    assert report.gaps == [
+        Gap(sequence=2, reason=None, lost_count=None, first_lost_at=None, last_lost_at=None)
+    ]
 
 
 # ---- grouping
@@ -342,13 +483,14 @@ def test_group_chains_keeps_stream_order_and_unattributed_messages() -> None:
     a = full_chain(SIGNER, "cell-1", "r").payloads
     b = full_chain(SIGNER, "cell-2", "r").payloads
     c = full_chain(SIGNER, "cell-1", "r2").payloads
-    mixed = [p for trio in zip(a, b, c, strict=True) for p in trio] + [b"junk", b"{}"]
+    deep = b'{"data":' * 100_000
+    mixed = [p for trio in zip(a, b, c, strict=True) for p in trio] + [b"junk", b"{}", deep]
     groups = group_chains(mixed)
     assert groups == {
         ("cell-1", "r"): a,
         ("cell-2", "r"): b,
         ("cell-1", "r2"): c,
-        UNATTRIBUTED: [b"junk", b"{}"],
+        UNATTRIBUTED: [b"junk", b"{}", deep],
     }
     assert all(verify_chain(g, TRUST).ok for k, g in groups.items() if k != UNATTRIBUTED)
     assert not verify_chain(groups[UNATTRIBUTED], TRUST).ok
@@ -362,6 +504,24 @@ def test_signer_fixture_is_real() -> None:
 
 
 # ---- the recorded head (SPEC 5.3): a cut tail versus a quiet cell
+
+
+def test_recorded_head_problems_name_the_sequences() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    b.guest(2)
+    wrong = "sha256:" + "0" * 64
+    assert verify_chain(b.payloads, TRUST, head=(5, wrong)).problems == [
+        "recorded head is seq 5 but the stream ends at seq 3: the tail was cut"
+    ]
+    assert verify_chain(b.payloads, TRUST, head=(2, wrong)).problems == [
+        "seq 2: digest differs from the recorded chain head"
+    ]
+    assert verify_chain([], TRUST, head=(1, wrong)).problems == [
+        "recorded head is seq 1 but the stream ends at seq 0: the tail was cut",
+        "chain does not start with an opened event at seq 1",
+    ]
 
 
 def test_recorded_head_tells_a_cut_tail_from_a_quiet_cell() -> None:
