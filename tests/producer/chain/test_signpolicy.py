@@ -8,14 +8,13 @@ event of a batch spends it.
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from producer.chain.signpolicy import SignBudget, SigningPolicy, UnsignedRun
 
 MAX_UNSIGNED = 4
-MAX_UNSIGNED_MS = 100
+MAX_UNSIGNED_MS = 125  # 0.125 s: exact in binary, so the boundary itself can be tested
 BOUND_S = MAX_UNSIGNED_MS / 1000
 
 
@@ -140,7 +139,7 @@ def test_max_unsigned_ms_forces_a_signature() -> None:
     policy = _adaptive()
     run = _run(1, since_s=50.0)
     assert not _decide(policy, run, now_s=50.0 + BOUND_S * 0.99)
-    assert _decide(policy, run, now_s=50.0 + BOUND_S)
+    assert _decide(policy, run, now_s=50.0 + BOUND_S)  # at the bound itself, not after it
     assert _decide(policy, run, now_s=50.0 + 10 * BOUND_S)
 
 
@@ -154,10 +153,10 @@ def test_the_age_of_an_empty_run_forces_nothing() -> None:
 def test_the_run_counts_unsigned_events_and_dates_from_the_first() -> None:
     run = UnsignedRun()
     SigningPolicy.record(run, signed=False, now_s=1.0)
-    SigningPolicy.record(run, signed=False, now_s=1.06)
+    SigningPolicy.record(run, signed=False, now_s=1.0625)
     assert (run.count, run.since_s) == (2, 1.0)
-    # The first unsigned event is 100 ms old at 1.1: the bound is measured from it.
-    assert _decide(_adaptive(), run, now_s=1.1)
+    # The first unsigned event is 125 ms old at 1.125: the bound is measured from it.
+    assert _decide(_adaptive(), run, now_s=1.125)
 
 
 def test_a_signature_ends_the_run() -> None:
@@ -183,8 +182,9 @@ def test_nothing_to_cover_without_unsigned_events() -> None:
 
 def test_an_unsigned_tail_is_covered_within_half_the_bound() -> None:
     policy = _adaptive()
-    assert policy.cover_due(_run(3, since_s=2.0), 2.0) == pytest.approx(BOUND_S / 2)
-    assert policy.cover_due(_run(3, since_s=2.0), 2.02) == pytest.approx(BOUND_S / 2 - 0.02)
+    assert policy.cover_due(_run(3, since_s=2.0), 2.0) == BOUND_S / 2
+    assert policy.cover_due(_run(3, since_s=2.0), 2.0625) == 0.0
+    assert policy.cover_due(_run(3, since_s=2.0), 2.03125) == BOUND_S / 2 - 0.03125
 
 
 def test_an_overdue_cover_is_due_at_once() -> None:
