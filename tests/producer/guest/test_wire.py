@@ -176,38 +176,10 @@ def test_reasons_are_exactly_the_spec_names_and_each_is_a_leaf_class() -> None:
 # Body: ordering and the corners SPEC 2.2 leaves to us -----------------------------------
 
 
-@pytest.mark.parametrize(
-    ("body", "reason"),
-    [
-        # The initial byte is judged before its meaning, and before its argument.
-        (b"\x9f", "UnsupportedMajor"),  # major 4 wins over indefinite length
-        (b"\xbf", "UnsupportedAdditional"),  # indefinite map
-        (b"\x18", "NotMap5"),  # a uint is not a map; its missing argument is not read
-        (b"\x63ab", "NotMap5"),
-        (b"\xb8", "UnexpectedEof"),  # map count argument missing
-        (b"\xa5", "UnexpectedEof"),
-        (b"\xa5\x01\x01", "FieldType"),  # first key is not text
-        (b"\xa5\x41a", "UnsupportedMajor"),  # first key is a byte string
-        (b"\xa5\x62\xc3\x28\x01", "InvalidUtf8"),  # read before judged as a key
-        (b"\xa5\x67cell_id\x01", "ContentVersionMustBeFirst"),
-        (_map(_entries(version=b"\x00")), "UnsupportedContentVersion"),
-        (_map(_entries(version=_uint(0xFFFF, 2))), "UnsupportedContentVersion"),
-        (_map(_entries(version=_text("1"))), "FieldType"),
-        (_map(_entries(pid=_uint(U32_MAX + 1, 8))), "IntegerOverflow"),
-        (_map(_entries(pid=b"\x62")), "FieldType"),  # judged before the text is read
-        (_map(_entries(pid=b"\xa0")), "FieldType"),
-        (_map(_entries(pid=b"\xbf")), "UnsupportedAdditional"),
-        (_map(_entries(source=_uint(1))), "FieldType"),
-        (_map(_entries(source=_text(b"\xff"))), "InvalidUtf8"),
-        (GOOD[:-1], "UnexpectedEof"),
-        (GOOD[: GOOD.index(b"guest_monotonic_ns") + 3], "UnexpectedEof"),
-        (_map(_entries(ns=b"\x1b\x00")), "UnexpectedEof"),
-        (_map(_entries(ns=b"\x1d")), "UnsupportedAdditional"),
-        (_map(_entries(ns=b"\xc1")), "UnsupportedMajor"),  # a tag
-    ],
-)
-def test_first_error_front_to_back(body: bytes, reason: str) -> None:
-    assert _reason(body) == reason
+def _value_at(key: str, body: bytes) -> int:
+    """Offset of the value that follows ``key`` in ``body``."""
+    encoded = _text(key)
+    return body.index(encoded) + len(encoded)
 
 
 def _with(
@@ -216,6 +188,81 @@ def _with(
     replaced = list(_entries() if entries is None else entries)
     replaced[entry] = (key, value)
     return _map(replaced)
+
+
+EXTRA = _text("extra")
+# Where the error is reported (WireError.offset): a number, the value of a key ("extra" and
+# the SPEC keys), that value plus some bytes, or "end" (the body's length).
+At = int | str | tuple[str, int]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "at"),
+    [
+        # The initial byte is judged before its meaning, and before its argument.
+        (b"\x9f", "UnsupportedMajor", 0),  # major 4 wins over indefinite length
+        (b"\xbf", "UnsupportedAdditional", 0),  # indefinite map
+        (b"\x1c", "UnsupportedAdditional", 0),  # reserved additional information on a uint
+        (b"\x18", "NotMap5", 0),  # a uint is not a map; its missing argument is not read
+        (b"\x63ab", "NotMap5", 0),
+        (b"\xb8", "UnexpectedEof", 0),  # map count argument missing
+        (b"\xa5", "UnexpectedEof", "end"),
+        (b"\xa5\x01\x01", "FieldType", 1),  # first key is not text
+        (b"\xa5\x41a", "UnsupportedMajor", 1),  # first key is a byte string
+        (b"\xa5\x62\xc3\x28\x01", "InvalidUtf8", 1),  # read before judged as a key
+        (b"\xa5\x67cell_id\x01", "ContentVersionMustBeFirst", 1),
+        (b"\xa5\x6fcontent_version", "UnexpectedEof", "end"),
+        (_map(_entries(version=b"\x00")), "UnsupportedContentVersion", "content_version"),
+        (
+            _map(_entries(version=_uint(0xFFFF, 2))),
+            "UnsupportedContentVersion",
+            "content_version",
+        ),
+        (_map(_entries(version=_text("1"))), "FieldType", "content_version"),
+        (_map(_entries(pid=_uint(U32_MAX + 1, 8))), "IntegerOverflow", "guest_pid"),
+        (_map(_entries(pid=b"\x62")), "FieldType", "guest_pid"),  # judged before it is read
+        (_map(_entries(pid=b"\xa0")), "FieldType", "guest_pid"),
+        (_map(_entries(pid=b"\xbf")), "UnsupportedAdditional", "guest_pid"),
+        (_map(_entries(source=_uint(1))), "FieldType", "probe_source"),
+        (_map(_entries(source=_text(b"\xff"))), "InvalidUtf8", "probe_source"),
+        (_map(_entries(comm=_uint(1))), "FieldType", "guest_comm"),
+        (_map(_entries(comm=b"\x7c")), "UnsupportedAdditional", "guest_comm"),
+        (GOOD[: _value_at("guest_pid", GOOD)], "UnexpectedEof", "end"),
+        (GOOD[: _value_at("guest_comm", GOOD)], "UnexpectedEof", "end"),
+        (GOOD[:-1], "UnexpectedEof", "guest_monotonic_ns"),
+        (
+            GOOD[: GOOD.index(b"guest_monotonic_ns") + 3],
+            "UnexpectedEof",
+            GOOD.index(b"guest_monotonic_ns") - 1,  # the key, cut short
+        ),
+        (_map(_entries(ns=b"\x1b\x00")), "UnexpectedEof", "guest_monotonic_ns"),
+        (_map(_entries(ns=b"\x1d")), "UnsupportedAdditional", "guest_monotonic_ns"),
+        (_map(_entries(ns=b"\xc1")), "UnsupportedMajor", "guest_monotonic_ns"),  # a tag
+        # An unknown key's value is read through, item by item.
+        (_with(3, EXTRA, b"\xf5"), "UnsupportedMajor", "extra"),
+        (_with(3, EXTRA, _text(b"\xff")), "InvalidUtf8", "extra"),
+        (_with(4, EXTRA, b"\x63ab"), "UnexpectedEof", "extra"),
+        (_with(3, EXTRA, _map([(_uint(1), _uint(2))])), "FieldType", ("extra", 1)),
+        (_map(_entries()[:4], count=5) + EXTRA, "UnexpectedEof", "end"),
+        (_with(4, EXTRA, _text("abc")), "MissingField", "end"),
+        (
+            _with(4, EXTRA, _map([(_text("a"), _uint(1)), (_text("b"), _uint(2))])),
+            "MissingField",
+            "end",
+        ),
+    ],
+)
+def test_first_error_front_to_back(body: bytes, reason: str, at: At) -> None:
+    with pytest.raises(BodyError) as info:
+        decode_body(body)
+    assert info.value.reason == reason
+    if at == "end":
+        at = len(body)
+    elif isinstance(at, str):
+        at = _value_at(at, body)
+    elif isinstance(at, tuple):
+        at = _value_at(at[0], body) + at[1]
+    assert info.value.offset == at
 
 
 KEYS = ("content_version", "probe_source", "guest_pid", "guest_comm", "guest_monotonic_ns")
@@ -247,11 +294,9 @@ def test_unknown_key_value_must_be_a_well_formed_wire_item() -> None:
     assert _reason(_with(3, key, _map([(_text("a"), _map([(_text("b"), _text("c"))]))]))) == (
         "MissingField"
     )
-    assert _reason(_with(3, key, b"\xf5")) == "UnsupportedMajor"
     assert _reason(_with(3, key, b"\x80")) == "UnsupportedMajor"
     assert _reason(_with(3, key, b"\x7f")) == "UnsupportedAdditional"
     assert _reason(_with(3, key, _text(b"\xed\xa0\x80"))) == "InvalidUtf8"  # a surrogate
-    assert _reason(_with(3, key, _map([(_uint(1), _uint(2))]))) == "FieldType"
     second_key_bad = _map([(_text("a"), _uint(2)), (_uint(3), _uint(4))])
     assert _reason(_with(3, key, second_key_bad)) == "FieldType"
     assert _reason(_with(3, key, _head(5, 2**64 - 1, 8))) == "UnexpectedEof"
@@ -328,6 +373,10 @@ def test_encoder_refuses_what_cbor_or_the_frame_limit_cannot_carry() -> None:
         encode_body(Declaration(1, "process.spawned", 1, "sh", U64_MAX + 1))
     with pytest.raises(ValueError, match="4096"):
         encode_frame(Declaration(1, "process.spawned", 1, "x" * MAX_BODY, 0))
+    # ...but a body of exactly the limit is a frame.
+    filler = MAX_BODY - len(encode_body(Declaration(1, "process.spawned", 1, "", 2))) - 2
+    largest = encode_frame(Declaration(1, "process.spawned", 1, "c" * filler, 2))
+    assert largest[:4] == MAX_BODY.to_bytes(4, "little")
 
 
 # FrameReader ------------------------------------------------------------------------------
