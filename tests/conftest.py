@@ -15,12 +15,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from producer.ops.embedded import EmbeddedNats
 from tests.support import HeldPort
 
 SYSTEM_NATS_URL = "nats://127.0.0.1:4222"
 NATS_SERVER_29 = "/usr/sbin/nats-server"
+
+# Property tests judge results, never time: Hypothesis's per-example deadline and its
+# "input generation is slow" check fail on a busy CI host without anything being wrong.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
+# `make mutate` runs the property tests once per mutant: the same examples every time, so a
+# verdict is repeatable, and no shrinking, since a mutant only needs one failing example.
+settings.register_profile(
+    "mutation",
+    parent=settings.get_profile("suite"),
+    max_examples=40,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),
+)
 
 
 @pytest.fixture
