@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from producer.errors import ProducerError
@@ -515,6 +515,14 @@ def wire_bodies(draw: st.DrawFn) -> tuple[Declaration, bytes]:
 def test_round_trip_through_the_canonical_encoding(decl: Declaration) -> None:
     assert decode_body(encode_body(decl)) == decl
     assert FrameReader().feed(encode_frame(decl)) == [decl]
+
+
+@example(Declaration(1, "process.exited", U32_MAX, "c" * 255, U64_MAX))  # 1-byte length head
+@given(declarations)
+def test_the_agents_own_layout_takes_the_fast_path(decl: Declaration) -> None:
+    # Nearly every frame is the agent's layout; the hot path's speed rests on decoding it
+    # without the strict decoder (which must agree: see _check_decode).
+    assert wire._decode_canonical(encode_body(decl)) == decl
 
 
 @given(wire_bodies())
