@@ -218,7 +218,11 @@ async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
     # As on a host where a signature costs 1000 s: the budget's 8 starting tokens are spent
     # early and never come back, so every later signature is one the policy had to force.
     monkeypatch.setattr(daemon, "measure_sign_cost", lambda _signer: 1000.0)
-    max_unsigned, max_unsigned_ms, n_cells, burst = 16, 500, 8, 1000
+    # The time bound is kept by the event loop's timers, so a host that starves the loop
+    # delays the covering signature by as long as it starves it (seen: 264 ms, with four
+    # busy processes per core). 2 s keeps this test about the rule, not the host; the
+    # rule itself is tested to the microsecond with an injected clock (test_signpolicy).
+    max_unsigned, max_unsigned_ms, n_cells, burst = 16, 2000, 8, 1000
     signing = {"max_unsigned": max_unsigned, "max_unsigned_ms": max_unsigned_ms}
     async with running_producer(nats_server.url, cells=n_cells, signing=signing) as (
         p,
