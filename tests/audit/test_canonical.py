@@ -161,6 +161,15 @@ RFC8785_NUMBERS = {
 }
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    # Exponent forms with two and three significant digits (Appendix B has one or 17).
+    [(1.5e25, "1.5e+25"), (-2.5e-7, "-2.5e-7"), (1.25e-7, "1.25e-7")],
+)
+def test_exponent_forms_keep_every_digit(value: float, expected: str) -> None:
+    assert ecmascript_number(value) == expected
+
+
 @pytest.mark.parametrize(("bits", "expected"), RFC8785_NUMBERS.items())
 def test_rfc8785_appendix_b_numbers(bits: str, expected: str) -> None:
     value = struct.unpack(">d", bytes.fromhex(bits))[0]
