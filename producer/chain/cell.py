@@ -338,10 +338,14 @@ class CellRuntime:
         """Seal and queue an event from outside the frame path, waiting for queue room.
 
         Nothing is sealed once the chain is closing: ``sealed`` must stay the last event.
+        An event left unsigned here (``agent_silenced`` while the budget is dry) is covered
+        like a frame's.
         """
         await self._room()
         if not self.closing:
-            self._seal_and_offer(pending, last_in_batch=True, now_s=self._mono())
+            now_s = self._mono()
+            self._seal_and_offer(pending, last_in_batch=True, now_s=now_s)
+            self._arm_cover(now_s)
 
     async def open(self, *, host_id: str, socket_path: str, signing_mode: str) -> None:
         self.socket_path = socket_path

@@ -224,11 +224,12 @@ async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
     # rule itself is tested to the microsecond with an injected clock (test_signpolicy).
     max_unsigned, max_unsigned_ms, n_cells, burst = 16, 2000, 8, 1000
     signing = {"max_unsigned": max_unsigned, "max_unsigned_ms": max_unsigned_ms}
-    async with running_producer(nats_server.url, cells=n_cells, signing=signing) as (
-        p,
-        signer,
-        _,
-    ):
+    async with running_producer(
+        nats_server.url,
+        cells=n_cells,
+        signing=signing,
+        silence={"window_ms": 600_000},  # agent_silenced is the next test's
+    ) as (p, signer, _):
         assert p.registry is not None and p.publisher is not None
         cells = list(p.registry.cells.values())
         ids = [c.cell_id for c in cells]
@@ -265,6 +266,36 @@ async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
             )
             assert unsigned > burst // 2, "the budget should have run dry"
             assert report.signed == report.events - unsigned
+
+
+async def test_an_unsigned_agent_silenced_is_covered_too(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The budget's 8 starting tokens go to 8 single frames and never come back, so the
+    # agent_silenced that follows goes out unsigned, with no frame after it to force a
+    # signature: only the cover timer can keep SPEC 5.1's bound.
+    monkeypatch.setattr(daemon, "measure_sign_cost", lambda _signer: 1000.0)
+    async with running_producer(
+        nats_server.url,
+        silence={"window_ms": 300},
+        signing={"max_unsigned_ms": 200},
+        chain={"checkpoint_interval_s": 3600.0},  # no time-based checkpoint to hide behind
+    ) as (p, _signer, _):
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        _, writer = await asyncio.open_unix_connection(cell.socket_path)
+        for n, decl in enumerate(itertools.islice(frames(5), 8), 1):
+            writer.write(encode_frame(decl))
+            await writer.drain()
+            await eventually(lambda n=n: cell.counters.accepted == n)
+        await eventually(lambda: cell.counters.events == 10)  # opened, 8 frames, silenced
+        tail = await _until_every_tail_is_signed(nats_server.url, ["cell-1"])
+        silenced, cover = tail["cell-1"][-2:]
+        writer.close()
+        await writer.wait_closed()
+    assert silenced["type"] == GUEST_TYPE + "agent_silenced" and "signature" not in silenced
+    assert cover["type"] == CHAIN_TYPE + "checkpoint" and "signature" in cover
+    assert cover["data"]["headSequence"] == silenced["sequence"]
 
 
 async def test_adaptive_mode_signs_every_event_at_ordinary_rates(nats_server: EmbeddedNats) -> None:
