@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-probes bench-verify schemas clean host-tools
+.PHONY: demo test lint bench bench-probes bench-verify schemas mutate clean host-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,8 +48,13 @@ bench-probes: $(STAMP) host-tools
 bench-verify: $(STAMP)
 	$(BIN)/python bench/verify.py $(ARGS)
 
+# Mutation testing of the pure modules (docs/testing.md); survivors are listed at the end.
+mutate: $(STAMP)
+	$(BIN)/mutmut run $(ARGS)
+	$(BIN)/mutmut results
+
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -109,6 +109,8 @@ def prepare(
         body = _decode(raw)
     except msgspec.DecodeError:
         return Prepared(index, subject, stream_seq, error="not JSON")
+    except RecursionError:  # msgspec's answer to hostile nesting: not a DecodeError
+        return Prepared(index, subject, stream_seq, error="nested too deeply to be an event")
     if type(body) is not dict:
         return Prepared(index, subject, stream_seq, error="not a JSON object")
     text = body.get("sequence")

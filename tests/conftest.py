@@ -15,23 +15,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from producer.ops.embedded import EmbeddedNats
+from tests.support import HeldPort
 
 SYSTEM_NATS_URL = "nats://127.0.0.1:4222"
 NATS_SERVER_29 = "/usr/sbin/nats-server"
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago, for tests that need to name the port up front.
-
-    Racy by nature (another process may take it before it is bound); EmbeddedNats avoids
-    the race by letting the server choose when no port is given.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+# Property tests judge results, never time: Hypothesis's per-example deadline and its
+# "input generation is slow" check fail on a busy CI host without anything being wrong.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
+# `make mutate` runs the property tests once per mutant: the same examples every time, so a
+# verdict is repeatable, and no shrinking, since a mutant only needs one failing example.
+settings.register_profile(
+    "mutation",
+    parent=settings.get_profile("suite"),
+    max_examples=40,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),
+)
 
 
 @pytest.fixture
@@ -50,6 +54,16 @@ async def nats_server_29(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
         tmp_path / "nats29", binary=NATS_SERVER_29, name="cellos-test-29"
     ) as server:
         yield server
+
+
+@pytest.fixture
+async def held_port() -> AsyncIterator[HeldPort]:
+    """A loopback port nothing answers on until the test relays it to a server."""
+    port = HeldPort()
+    try:
+        yield port
+    finally:
+        await port.close()
 
 
 @pytest.fixture

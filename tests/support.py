@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import secrets
@@ -128,10 +129,17 @@ def send_stream(path: str, data: bytes, *, half_close: bool, wait_close_s: float
             return False
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+async def eventually(cond: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``cond()`` (or the awaitable it returns) is truthy, polling; fail after
+    ``timeout`` seconds, a bound for a broken build rather than a measurement."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not cond():
+    while True:
+        met = cond()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
@@ -156,3 +164,58 @@ async def feed_seal_verify(
     await run_guest(cell.socket_path, rate=rate, count=count, seed=seed)
     await eventually(lambda: cell.counters.accepted == count)
     return await seal_and_verify(producer, url, signer)
+
+
+class HeldPort:
+    """A loopback TCP port this test owns from start to end, so no other process can take it.
+
+    Bound but not listening, it refuses connections exactly as a port nobody serves does.
+    :meth:`relay_to` then starts listening and relays every connection to a real server:
+    a broker that comes up late at an address handed out in advance, with no moment in
+    which the port is free (a probed "free port" can be taken by anyone before it is used).
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def relay_to(self, port: int) -> None:
+        """From now on, connections are accepted and relayed to ``127.0.0.1:port``."""
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                writer.close()
+                return
+            self._writers |= {writer, up_writer}
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        self._server = await asyncio.start_server(relay, sock=self._sock)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+        self._sock.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until either side ends, then end the other."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()

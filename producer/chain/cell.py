@@ -351,11 +351,13 @@ class CellRuntime:
         """Seal and spool an event from outside the frame path, waiting for spool room.
 
         Nothing is sealed once the chain is closing: ``sealed`` must stay the last event.
+        An event left unsigned here (``agent_silenced`` while the budget is dry) is covered
+        like a frame's.
         """
         await self._spool.wait_for_space()
         if self.closing:
             return False
-        self._seal_pending(pending, last_in_batch=True, now_s=self._mono())
+        self._seal_alone(pending)
         return True
 
     def offer(self, pending: Pending) -> bool:
@@ -363,9 +365,16 @@ class CellRuntime:
         (the probe scheduler skips the tick and counts it)."""
         if self.closing or not self._spool.has_space():
             return False
-        self._seal_pending(pending, last_in_batch=True, now_s=self._mono())
+        self._seal_alone(pending)
         self.counters.host_events += 1
         return True
+
+    def _seal_alone(self, pending: Pending) -> None:
+        """Seal an event that comes outside a frame batch; if the policy leaves it unsigned
+        it is covered in time like a frame's event (SPEC 5.1)."""
+        now_s = self._mono()
+        self._seal_pending(pending, last_in_batch=True, now_s=now_s)
+        self._arm_cover(now_s)
 
     def open_chain(self, *, socket_path: str, supersedes: dict[str, Any] | None) -> None:
         """Seal ``opened``, the first event of a new chain."""

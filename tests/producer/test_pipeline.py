@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ import shutil
 import socket
 import stat
 from collections import Counter
+from collections.abc import Awaitable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -22,20 +25,25 @@ import rfc8785
 from cloudevents.core.formats.json import JSONFormat
 
 from audit.verify import verify_chain
+from producer.chain.cell import CellRuntime
 from producer.chain.signing import generate_key_file
+from producer.chain.signpolicy import SignBudget
 from producer.errors import RegistrationError
 from producer.guest.simulator import frames, run_guest
 from producer.guest.wire import encode_frame
+from producer.ops import daemon
 from producer.ops.daemon import Producer
 from producer.ops.embedded import EmbeddedNats
 from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from schemas.generate import HERE as SCHEMA_DIR
 from tests.support import (
     VECTORS,
+    HeldPort,
     assert_valid_event,
     cell_spec,
     eventually,
     feed_seal_verify,
+    history,
     make_config,
     running_producer,
     seal_and_verify,
@@ -158,39 +166,153 @@ async def test_strict_mode_signs_every_event(nats_server: EmbeddedNats) -> None:
     assert report.signed == report.events
 
 
-async def test_adaptive_mode_thins_signatures_under_burst_within_bounds(
-    nats_server: EmbeddedNats,
+def _assert_signing_bounds(
+    events: list[dict[str, Any]], *, max_unsigned: int, max_unsigned_ms: int
+) -> int:
+    """SPEC 5.1 over one whole chain, judged from the events alone: chain events signed,
+    and every unsigned run covered by a signed event within ``max_unsigned`` events and
+    within ``max_unsigned_ms`` of the run's first event (by the events' own ``time``).
+    Returns how many events went out unsigned."""
+    run: list[dict[str, Any]] = []
+    unsigned = 0
+    for e in events:
+        if "signature" not in e:
+            assert not e["type"].startswith(CHAIN_TYPE), e
+            run.append(e)
+            unsigned += 1
+            assert len(run) <= max_unsigned, e["sequence"]
+            continue
+        if run:
+            waited = _at(e["time"]) - _at(run[0]["time"])
+            assert waited <= timedelta(milliseconds=max_unsigned_ms), (run[0], e)
+        run = []
+    assert not run, "an unsigned tail was never covered"
+    return unsigned
+
+
+def _at(rfc3339: str) -> datetime:
+    return datetime.fromisoformat(rfc3339)
+
+
+async def _chains(url: str, cell_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each cell's events so far, in sequence order."""
+    chains = {}
+    for cell_id in cell_ids:
+        payloads = await history(url, cell_id)
+        events = [msgspec.json.decode(p) for p in payloads]
+        chains[cell_id] = sorted(events, key=lambda e: e["sequence"])
+    return chains
+
+
+async def _until_every_tail_is_signed(url: str, cell_ids: list[str]) -> dict[str, Any]:
+    """Wait, without any further event, until each chain's latest event is signed."""
+    seen: dict[str, list[dict[str, Any]]] = {}
+
+    async def covered() -> bool:
+        seen.update(await _chains(url, cell_ids))
+        return all("signature" in events[-1] for events in seen.values())
+
+    await eventually(covered, timeout=30)
+    return seen
+
+
+async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    max_unsigned = 16
+    # As on a host where a signature costs 1000 s: the budget's 8 starting tokens are spent
+    # early and never come back, so every later signature is one the policy had to force.
+    monkeypatch.setattr(daemon, "measure_sign_cost", lambda _signer: 1000.0)
+    # The time bound is kept by the event loop's timers, so a host that starves the loop
+    # delays the covering signature by as long as it starves it (seen: 264 ms, with four
+    # busy processes per core). 2 s keeps this test about the rule, not the host; the
+    # rule itself is tested to the microsecond with an injected clock (test_signpolicy).
+    max_unsigned, max_unsigned_ms, n_cells, burst = 16, 2000, 8, 1000
+    signing = {"max_unsigned": max_unsigned, "max_unsigned_ms": max_unsigned_ms}
     async with running_producer(
-        nats_server.url, signing={"max_unsigned": max_unsigned, "max_unsigned_ms": 100}
+        nats_server.url,
+        cells=n_cells,
+        signing=signing,
+        silence={"window_ms": 600_000},  # agent_silenced is the next test's
     ) as (p, signer, _):
+        assert p.registry is not None and p.publisher is not None
+        cells = list(p.registry.cells.values())
+        ids = [c.cell_id for c in cells]
+
+        def written(cell: CellRuntime, data: bytes) -> Awaitable[bool]:
+            return asyncio.to_thread(send_stream, cell.socket_path, data, half_close=True)
+
+        streams = [
+            b"".join(encode_frame(d) for d, _ in zip(frames(i), range(burst), strict=False))
+            for i in range(n_cells)
+        ]
+        await asyncio.gather(*(written(c, data) for c, data in zip(cells, streams, strict=True)))
+        await eventually(lambda: all(c.counters.accepted == burst for c in cells), timeout=60)
+        await _until_every_tail_is_signed(nats_server.url, ids)
+
+        # One frame per cell: a batch of one, with no unsigned run open and the budget dry,
+        # goes out unsigned, and then the cell is quiet: only a checkpoint can cover it.
+        one = encode_frame(next(frames(99)))
+        await asyncio.gather(*(written(c, one) for c in cells))
+        await eventually(lambda: all(c.counters.accepted == burst + 1 for c in cells))
+        quiet = await _until_every_tail_is_signed(nats_server.url, ids)
+        for events in quiet.values():
+            guest, cover = events[-2:]
+            assert guest["type"].startswith(GUEST_TYPE) and "signature" not in guest
+            assert cover["type"] == CHAIN_TYPE + "checkpoint"
+            assert cover["data"]["headSequence"] == guest["sequence"]
+
+        for cell_id in ids:
+            report, events = await seal_and_verify(p, nats_server.url, signer, cell_id)
+            assert report.ok and report.sealed, report.problems
+            assert report.events == len(events) >= burst + 4  # opened, cover, one, sealed
+            unsigned = _assert_signing_bounds(
+                events, max_unsigned=max_unsigned, max_unsigned_ms=max_unsigned_ms
+            )
+            assert unsigned > burst // 2, "the budget should have run dry"
+            assert report.signed == report.events - unsigned
+
+
+async def test_an_unsigned_agent_silenced_is_covered_too(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A signing budget dry from the start: agent_silenced (not a chain event) goes out
+    # unsigned, and with no frame after it to force a signature only the cover timer can
+    # keep SPEC 5.1's bound.
+    def dry(rate: float, burst: float, now_s: float) -> SignBudget:
+        return SignBudget(rate, burst=0.0, now_s=now_s)
+
+    monkeypatch.setattr(daemon, "SignBudget", dry)
+    async with running_producer(
+        nats_server.url,
+        silence={"window_ms": 300},
+        signing={"max_unsigned_ms": 200},
+        chain={"checkpoint_interval_s": 3600.0},  # no time-based checkpoint to hide behind
+    ) as (p, _signer, _):
         assert p.registry is not None
         cell = p.registry.cells["cell-1"]
-        # One burst: 3000 frames in a single write, so reads carry many frames each.
-        burst = b"".join(encode_frame(d) for d, _ in zip(frames(9), range(3000), strict=False))
-        await asyncio.to_thread(send_stream, cell.socket_path, burst, half_close=True)
-        await eventually(lambda: cell.counters.accepted == 3000)
-        await p.registry.deregister("cell-1")
-        assert await p.drain(10)
-        report, events = await verified(nats_server.url, "cell-1", signer)
-    assert report.ok, report.problems
-    assert report.signed < report.events, "a burst should thin signatures out"
-    run = 0
-    for e in events:
-        run = 0 if "signature" in e else run + 1
-        assert run <= max_unsigned
-    for e in events:
-        if e["type"].startswith(CHAIN_TYPE):
-            assert "signature" in e
+        await eventually(lambda: cell.counters.events >= 2)  # opened, agent_silenced
+        tail = await _until_every_tail_is_signed(nats_server.url, ["cell-1"])
+    _opened, silenced, cover = tail["cell-1"]
+    assert silenced["type"] == GUEST_TYPE + "agent_silenced" and "signature" not in silenced
+    assert cover["type"] == CHAIN_TYPE + "checkpoint" and "signature" in cover
+    assert cover["data"]["headSequence"] == silenced["sequence"]
 
 
 async def test_adaptive_mode_signs_every_event_at_ordinary_rates(nats_server: EmbeddedNats) -> None:
+    # At ordinary rates each read of the socket holds one frame. Paced by the clock that
+    # depends on how busy the host is, so the next frame goes only once the last is in.
     async with running_producer(nats_server.url) as (p, signer, _):
-        report, _events = await feed_seal_verify(
-            p, nats_server.url, signer, count=40, seed=2, rate=200
-        )
-    assert report.ok and report.signed == report.events
+        assert p.registry is not None
+        cell = p.registry.cells["cell-1"]
+        _, writer = await asyncio.open_unix_connection(cell.socket_path)
+        for n, decl in enumerate(itertools.islice(frames(2), 40), 1):
+            writer.write(encode_frame(decl))
+            await writer.drain()
+            await eventually(lambda n=n: cell.counters.accepted == n)
+        writer.close()
+        await writer.wait_closed()
+        report, _events = await seal_and_verify(p, nats_server.url, signer)
+    assert report.ok and report.signed == report.events == 42
 
 
 async def test_binary_mode_events_verify_from_headers_and_payload_alone(
@@ -303,14 +425,25 @@ async def test_framing_error_closes_only_that_connection(nats_server: EmbeddedNa
 
 
 async def test_agent_silenced_fires_once(nats_server: EmbeddedNats) -> None:
-    async with running_producer(nats_server.url, silence={"window_ms": 200}) as (p, signer, _):
+    # The time-based checkpoint comes from a later tick than agent_silenced, with the
+    # cell silent all along: a second agent_silenced would have fired by then.
+    async with running_producer(
+        nats_server.url, silence={"window_ms": 200}, chain={"checkpoint_interval_s": 0.4}
+    ) as (p, signer, _):
         assert p.registry is not None
-        await asyncio.sleep(0.9)
+        cell = p.registry.cells["cell-1"]
+        await eventually(lambda: cell.counters.events >= 3)  # opened, and two more
         await p.registry.deregister("cell-1")
         assert await p.drain(10)
         report, events = await verified(nats_server.url, "cell-1", signer)
     assert report.ok
     silenced = [e for e in events if e["type"] == GUEST_TYPE + "agent_silenced"]
+    assert [e["type"].rsplit(".", 1)[1] for e in events[:4]] == [
+        "opened",
+        "agent_silenced",
+        "checkpoint",
+        "sealed",
+    ]
     assert len(silenced) == 1
     assert silenced[0]["data"]["silentForMs"] > 200
     assert silenced[0]["data"]["lastFrameAt"] is None
@@ -323,7 +456,10 @@ async def test_broker_restart_loses_and_duplicates_nothing(nats_server: Embedded
         guest = asyncio.create_task(run_guest(cell.socket_path, rate=400, count=1200, seed=5))
         await eventually(lambda: cell.counters.accepted > 200)
         nats_server.kill()
-        await asyncio.sleep(1.0)
+        # The producer noticed, and the guest was served all the same (SPEC 7).
+        during = cell.counters.accepted + 100
+        await eventually(lambda: not p.publisher.nc.is_connected)  # type: ignore[union-attr]
+        await eventually(lambda: cell.counters.accepted > during)
         await nats_server.restart()
         await guest
         await eventually(lambda: cell.counters.accepted == 1200, timeout=20)
@@ -337,25 +473,21 @@ async def test_broker_restart_loses_and_duplicates_nothing(nats_server: Embedded
     assert report.events == len({e["sequence"] for e in events})
 
 
-async def test_unreachable_broker_at_start_is_retried(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+async def test_unreachable_broker_at_start_is_retried(
+    nats_server: EmbeddedNats, held_port: HeldPort, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="producer.delivery.publisher")
 
-    port = free_port()
-    server = EmbeddedNats(tmp_path / "late", port=port)
-    starter = asyncio.create_task(asyncio.sleep(1.5))
+    async def broker_comes_up_after_a_retry() -> None:
+        await eventually(lambda: any(r.msg == "nats_connect_retry" for r in caplog.records))
+        await held_port.relay_to(nats_server.port)
 
-    async def start_late() -> None:
-        await starter
-        await server.start()
-
-    late = asyncio.create_task(start_late())
-    try:
-        async with running_producer(f"nats://127.0.0.1:{port}") as (p, _signer, _):
-            assert p.registry is not None
-            assert "cell-1" in p.registry.cells
-    finally:
-        await late
-        await server.stop()
+    late = asyncio.create_task(broker_comes_up_after_a_retry())
+    async with running_producer(held_port.url) as (p, _signer, _):
+        assert late.done()
+        assert p.registry is not None
+        assert "cell-1" in p.registry.cells
+    await late
 
 
 async def test_works_with_nats_server_29(nats_server_29: EmbeddedNats) -> None:
@@ -527,7 +659,7 @@ async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats)
             if pub.offer(OutMsg("nowhere.x", b"{}", f"id-{i}", {"Nats-Msg-Id": f"id-{i}"})):
                 offered += 1
             await asyncio.sleep(0)
-        await asyncio.sleep(0.5)
+        await eventually(lambda: pub.stats.error_replies > 0)
         assert offered == 50
         assert pub.backlog == 50 and not pub.has_space()
         assert pub.stats.error_replies > 0 and pub.stats.acked == 0

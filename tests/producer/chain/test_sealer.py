@@ -165,7 +165,21 @@ def test_signing_without_signer_is_refused() -> None:
     assert sealer.seal(_event(), sign=False).sequence == 1
     with pytest.raises(ChainError, match="no signer"):
         sealer.seal(_event(), sign=True)
+    with pytest.raises(ChainError, match="no signer"):
+        sealer.seal_encoded(lambda seq, prev, kid: canonical(_event()), sign=True)
     assert sealer.sequence == 1
+
+
+def test_every_envelope_problem_is_named_at_once() -> None:
+    event = _event()
+    del event["time"], event["data"]
+    event.update(sequence="1", prevhash="", dataschema="x", traceparent="y")
+    with pytest.raises(ChainError) as info:
+        ChainSealer(None).seal(event, sign=False)
+    assert str(info.value) == (
+        "malformed envelope: chain attributes are the sealer's to set: prevhash, sequence; "
+        "unknown attributes: dataschema, traceparent; missing attributes: data, time"
+    )
 
 
 def test_an_event_cannot_be_sealed_twice() -> None:

@@ -151,10 +151,21 @@ async def test_sends_count_frames_as_fast_as_possible(sock_path: str) -> None:
 
 async def test_waits_for_the_socket_and_reconnects_when_dropped(sock_path: str) -> None:
     host = Host(close_first_after=100)
+    waits: list[float] = []
+    retried = asyncio.Event()
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) >= 2:
+            retried.set()
+        await asyncio.sleep(delay)
+
     guest = asyncio.create_task(
-        run_guest(sock_path, rate=0, count=3000, seed=2, retry_initial=0.01, retry_max=0.02)
+        run_guest(
+            sock_path, rate=0, count=3000, seed=2, sleep=sleep, retry_initial=0.01, retry_max=0.02
+        )
     )
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(retried.wait(), 10)  # it tried, waited and tried again
     assert not guest.done()
     server = await _serve(host, sock_path)
     async with server:

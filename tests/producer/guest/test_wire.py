@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from producer.errors import ProducerError
@@ -176,38 +176,10 @@ def test_reasons_are_exactly_the_spec_names_and_each_is_a_leaf_class() -> None:
 # Body: ordering and the corners SPEC 2.2 leaves to us -----------------------------------
 
 
-@pytest.mark.parametrize(
-    ("body", "reason"),
-    [
-        # The initial byte is judged before its meaning, and before its argument.
-        (b"\x9f", "UnsupportedMajor"),  # major 4 wins over indefinite length
-        (b"\xbf", "UnsupportedAdditional"),  # indefinite map
-        (b"\x18", "NotMap5"),  # a uint is not a map; its missing argument is not read
-        (b"\x63ab", "NotMap5"),
-        (b"\xb8", "UnexpectedEof"),  # map count argument missing
-        (b"\xa5", "UnexpectedEof"),
-        (b"\xa5\x01\x01", "FieldType"),  # first key is not text
-        (b"\xa5\x41a", "UnsupportedMajor"),  # first key is a byte string
-        (b"\xa5\x62\xc3\x28\x01", "InvalidUtf8"),  # read before judged as a key
-        (b"\xa5\x67cell_id\x01", "ContentVersionMustBeFirst"),
-        (_map(_entries(version=b"\x00")), "UnsupportedContentVersion"),
-        (_map(_entries(version=_uint(0xFFFF, 2))), "UnsupportedContentVersion"),
-        (_map(_entries(version=_text("1"))), "FieldType"),
-        (_map(_entries(pid=_uint(U32_MAX + 1, 8))), "IntegerOverflow"),
-        (_map(_entries(pid=b"\x62")), "FieldType"),  # judged before the text is read
-        (_map(_entries(pid=b"\xa0")), "FieldType"),
-        (_map(_entries(pid=b"\xbf")), "UnsupportedAdditional"),
-        (_map(_entries(source=_uint(1))), "FieldType"),
-        (_map(_entries(source=_text(b"\xff"))), "InvalidUtf8"),
-        (GOOD[:-1], "UnexpectedEof"),
-        (GOOD[: GOOD.index(b"guest_monotonic_ns") + 3], "UnexpectedEof"),
-        (_map(_entries(ns=b"\x1b\x00")), "UnexpectedEof"),
-        (_map(_entries(ns=b"\x1d")), "UnsupportedAdditional"),
-        (_map(_entries(ns=b"\xc1")), "UnsupportedMajor"),  # a tag
-    ],
-)
-def test_first_error_front_to_back(body: bytes, reason: str) -> None:
-    assert _reason(body) == reason
+def _value_at(key: str, body: bytes) -> int:
+    """Offset of the value that follows ``key`` in ``body``."""
+    encoded = _text(key)
+    return body.index(encoded) + len(encoded)
 
 
 def _with(
@@ -218,9 +190,100 @@ def _with(
     return _map(replaced)
 
 
-def test_repeated_known_key_is_a_duplicate_before_anything_later() -> None:
-    assert _reason(_with(2, _text("guest_comm"), _text("x"))) == "DuplicateField"
-    assert _reason(_with(4, _text("content_version"), b"\x01")) == "DuplicateField"
+EXTRA = _text("extra")
+# Where the error is reported (WireError.offset): a number, the value of a key ("extra" and
+# the SPEC keys), that value plus some bytes, or "end" (the body's length).
+At = int | str | tuple[str, int]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "at"),
+    [
+        # The initial byte is judged before its meaning, and before its argument.
+        (b"\x9f", "UnsupportedMajor", 0),  # major 4 wins over indefinite length
+        (b"\xbf", "UnsupportedAdditional", 0),  # indefinite map
+        (b"\x1c", "UnsupportedAdditional", 0),  # reserved additional information on a uint
+        (b"\x18", "NotMap5", 0),  # a uint is not a map; its missing argument is not read
+        (b"\x63ab", "NotMap5", 0),
+        (b"\xb8", "UnexpectedEof", 0),  # map count argument missing
+        (b"\xa5", "UnexpectedEof", "end"),
+        (b"\xa5\x01\x01", "FieldType", 1),  # first key is not text
+        (b"\xa5\x41a", "UnsupportedMajor", 1),  # first key is a byte string
+        (b"\xa5\x62\xc3\x28\x01", "InvalidUtf8", 1),  # read before judged as a key
+        (b"\xa5\x67cell_id\x01", "ContentVersionMustBeFirst", 1),
+        (b"\xa5\x6fcontent_version", "UnexpectedEof", "end"),
+        (_map(_entries(version=b"\x00")), "UnsupportedContentVersion", "content_version"),
+        (
+            _map(_entries(version=_uint(0xFFFF, 2))),
+            "UnsupportedContentVersion",
+            "content_version",
+        ),
+        (_map(_entries(version=_text("1"))), "FieldType", "content_version"),
+        (_map(_entries(pid=_uint(U32_MAX + 1, 8))), "IntegerOverflow", "guest_pid"),
+        (_map(_entries(pid=b"\x62")), "FieldType", "guest_pid"),  # judged before it is read
+        (_map(_entries(pid=b"\xa0")), "FieldType", "guest_pid"),
+        (_map(_entries(pid=b"\xbf")), "UnsupportedAdditional", "guest_pid"),
+        (_map(_entries(source=_uint(1))), "FieldType", "probe_source"),
+        (_map(_entries(source=_text(b"\xff"))), "InvalidUtf8", "probe_source"),
+        (_map(_entries(comm=_uint(1))), "FieldType", "guest_comm"),
+        (_map(_entries(comm=b"\x7c")), "UnsupportedAdditional", "guest_comm"),
+        (GOOD[: _value_at("guest_pid", GOOD)], "UnexpectedEof", "end"),
+        (GOOD[: _value_at("guest_comm", GOOD)], "UnexpectedEof", "end"),
+        (GOOD[:-1], "UnexpectedEof", "guest_monotonic_ns"),
+        (
+            GOOD[: GOOD.index(b"guest_monotonic_ns") + 3],
+            "UnexpectedEof",
+            GOOD.index(b"guest_monotonic_ns") - 1,  # the key, cut short
+        ),
+        (_map(_entries(ns=b"\x1b\x00")), "UnexpectedEof", "guest_monotonic_ns"),
+        (_map(_entries(ns=b"\x1d")), "UnsupportedAdditional", "guest_monotonic_ns"),
+        (_map(_entries(ns=b"\xc1")), "UnsupportedMajor", "guest_monotonic_ns"),  # a tag
+        # An unknown key's value is read through, item by item.
+        (_with(3, EXTRA, b"\xf5"), "UnsupportedMajor", "extra"),
+        (_with(3, EXTRA, _text(b"\xff")), "InvalidUtf8", "extra"),
+        (_with(4, EXTRA, b"\x63ab"), "UnexpectedEof", "extra"),
+        (_with(3, EXTRA, _map([(_uint(1), _uint(2))])), "FieldType", ("extra", 1)),
+        (_map(_entries()[:4], count=5) + EXTRA, "UnexpectedEof", "end"),
+        (_with(4, EXTRA, _text("abc")), "MissingField", "end"),
+        (
+            _with(4, EXTRA, _map([(_text("a"), _uint(1)), (_text("b"), _uint(2))])),
+            "MissingField",
+            "end",
+        ),
+    ],
+)
+def test_first_error_front_to_back(body: bytes, reason: str, at: At) -> None:
+    with pytest.raises(BodyError) as info:
+        decode_body(body)
+    assert info.value.reason == reason
+    if at == "end":
+        at = len(body)
+    elif isinstance(at, str):
+        at = _value_at(at, body)
+    elif isinstance(at, tuple):
+        at = _value_at(at[0], body) + at[1]
+    assert info.value.offset == at
+
+
+KEYS = ("content_version", "probe_source", "guest_pid", "guest_comm", "guest_monotonic_ns")
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_repeated_known_key_is_a_duplicate_reported_at_the_repeat(key: str) -> None:
+    entries = _entries()
+    first = KEYS.index(key)
+    # The repeat takes the last slot (or, for the last key, the original moves up one).
+    at = 3 if first == 4 else first
+    entries[at], entries[4] = entries[first], entries[first]
+    body = _map(entries)
+    with pytest.raises(BodyError) as info:
+        decode_body(body)
+    assert info.value.reason == "DuplicateField"
+    assert str(info.value) == f"DuplicateField at offset {info.value.offset}: {key} occurs twice"
+    assert info.value.offset == len(body) - len(b"".join(entries[4]))  # the repeated key
+
+
+def test_a_duplicate_is_reported_before_anything_later() -> None:
     later_bad = _entries(ns=b"\xfb")
     assert _reason(_with(3, _text("guest_pid"), b"\x01", later_bad)) == "DuplicateField"
 
@@ -231,11 +294,9 @@ def test_unknown_key_value_must_be_a_well_formed_wire_item() -> None:
     assert _reason(_with(3, key, _map([(_text("a"), _map([(_text("b"), _text("c"))]))]))) == (
         "MissingField"
     )
-    assert _reason(_with(3, key, b"\xf5")) == "UnsupportedMajor"
     assert _reason(_with(3, key, b"\x80")) == "UnsupportedMajor"
     assert _reason(_with(3, key, b"\x7f")) == "UnsupportedAdditional"
     assert _reason(_with(3, key, _text(b"\xed\xa0\x80"))) == "InvalidUtf8"  # a surrogate
-    assert _reason(_with(3, key, _map([(_uint(1), _uint(2))]))) == "FieldType"
     second_key_bad = _map([(_text("a"), _uint(2)), (_uint(3), _uint(4))])
     assert _reason(_with(3, key, second_key_bad)) == "FieldType"
     assert _reason(_with(3, key, _head(5, 2**64 - 1, 8))) == "UnexpectedEof"
@@ -312,6 +373,10 @@ def test_encoder_refuses_what_cbor_or_the_frame_limit_cannot_carry() -> None:
         encode_body(Declaration(1, "process.spawned", 1, "sh", U64_MAX + 1))
     with pytest.raises(ValueError, match="4096"):
         encode_frame(Declaration(1, "process.spawned", 1, "x" * MAX_BODY, 0))
+    # ...but a body of exactly the limit is a frame.
+    filler = MAX_BODY - len(encode_body(Declaration(1, "process.spawned", 1, "", 2))) - 2
+    largest = encode_frame(Declaration(1, "process.spawned", 1, "c" * filler, 2))
+    assert largest[:4] == MAX_BODY.to_bytes(4, "little")
 
 
 # FrameReader ------------------------------------------------------------------------------
@@ -450,6 +515,14 @@ def wire_bodies(draw: st.DrawFn) -> tuple[Declaration, bytes]:
 def test_round_trip_through_the_canonical_encoding(decl: Declaration) -> None:
     assert decode_body(encode_body(decl)) == decl
     assert FrameReader().feed(encode_frame(decl)) == [decl]
+
+
+@example(Declaration(1, "process.exited", U32_MAX, "c" * 255, U64_MAX))  # 1-byte length head
+@given(declarations)
+def test_the_agents_own_layout_takes_the_fast_path(decl: Declaration) -> None:
+    # Nearly every frame is the agent's layout; the hot path's speed rests on decoding it
+    # without the strict decoder (which must agree: see _check_decode).
+    assert wire._decode_canonical(encode_body(decl)) == decl
 
 
 @given(wire_bodies())

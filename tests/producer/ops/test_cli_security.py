@@ -100,7 +100,7 @@ async def test_password_and_mutual_tls_from_config_and_flags(
 
         await daemon.wait_until("broker_ready", ready, 30)
         assert good_password.strip() not in daemon.stderr
-        rc, _ = await daemon.stop(signal.SIGTERM, limit_s=30)
+        rc = await daemon.stop(signal.SIGTERM, limit_s=30)
         assert rc == 0, daemon.describe()
 
         flags = [
