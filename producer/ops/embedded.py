@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -31,7 +33,7 @@ from nats.aio.client import Client
 
 from producer.errors import EmbeddedServerError
 
-__all__ = ["BINARY_NAME", "LOG_FILE_NAME", "EmbeddedNats", "find_binary"]
+__all__ = ["BINARY_NAME", "LOG_FILE_NAME", "Cluster", "EmbeddedNats", "find_binary"]
 
 BINARY_NAME = "nats-server"
 LOG_FILE_NAME = "nats-server.log"
@@ -79,6 +81,20 @@ def find_binary() -> str:
     )
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Membership of one server in a JetStream cluster: the cluster's name, the port this
+    server accepts routes on, and the route URLs of its peers (``nats://host:port``).
+
+    Tests run three servers on loopback to exercise replicated streams (a stream leader
+    killed mid-load); every member needs a unique server ``name``.
+    """
+
+    name: str
+    port: int
+    routes: Sequence[str] = ()
+
+
 async def _ignore_error(_: Exception) -> None:
     """Swallow nats-py's async error reports during readiness probes.
 
@@ -110,6 +126,7 @@ class EmbeddedNats:
         binary: str | None = None,
         name: str = "cellos-embedded",
         start_timeout_s: float = 15.0,
+        cluster: Cluster | None = None,
     ) -> None:
         self._store_dir = Path(store_dir)
         self._host = host
@@ -117,6 +134,7 @@ class EmbeddedNats:
         self._binary = binary if binary is not None else find_binary()
         self._name = name
         self._start_timeout_s = start_timeout_s
+        self._cluster = cluster
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -133,6 +151,11 @@ class EmbeddedNats:
     @property
     def log_path(self) -> Path:
         return self._store_dir / LOG_FILE_NAME
+
+    @property
+    def name(self) -> str:
+        """The server name (``--name``), as JetStream reports it, e.g. as a stream leader."""
+        return self._name
 
     @property
     def host(self) -> str:
@@ -169,7 +192,8 @@ class EmbeddedNats:
         A listening socket is not enough: JetStream recovers its store after the port
         opens, and callers must be able to use it immediately (e.g. right after a restart
         in a crash test). Any failure kills the child before raising, so a failed start
-        never leaves a process behind.
+        never leaves a process behind. A cluster member's JetStream answers only once a
+        majority of the cluster runs, so start members together (``asyncio.gather``).
         """
         if self.running:
             raise EmbeddedServerError(f"{BINARY_NAME} already running (pid {self.pid})")
@@ -248,6 +272,17 @@ class EmbeddedNats:
             "--name",
             self._name,
         ]
+        if self._cluster is not None:
+            # These flags exist unchanged from nats-server 2.9 on.
+            route_host = _format_host(_connect_host(self._host))
+            args += [
+                "--cluster_name",
+                self._cluster.name,
+                "--cluster",
+                f"nats://{route_host}:{self._cluster.port}",
+            ]
+            if self._cluster.routes:
+                args += ["--routes", ",".join(self._cluster.routes)]
         # Always ask for the ports file: it is written under the child's pid only once the
         # child has bound its listener, which proves the port answering probes is ours and
         # not another server that already held it (the child would then fail to bind).
