@@ -211,20 +211,15 @@ class Producer:
             nc = await connect_nats(self.publisher.opts, **self.publisher.callbacks())
             await self.publisher.start(nc)
             js = self._js = nc.jetstream()
-            check = await ensure_stream(
-                js,
-                name=cfg.nats.stream,
-                subject_prefix=cfg.nats.subject_prefix,
-                duplicate_window_s=cfg.nats.duplicate_window_s,
-                create=cfg.nats.create_stream,
-            )
+            check = await self._ensure_stream(js)
             for warning in check.warnings:
                 event(
                     log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning
                 )
+            replicas = cfg.nats.stream_replicas
             self.heads = HeadRecorder(
-                await open_bucket(js, cfg.nats.heads_bucket),
-                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket),
+                await open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
+                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
             )
             self.heads.start()
             self._broker_ready.set()
