@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schemas clean
+.PHONY: demo test soak lint bench schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The long variants of the durability scenarios (tens of minutes); `make test` skips them.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 
 from audit.digest import format_sequence
-from audit.heads import read_heads
 from audit.verify import ChainReport, verify_chain
 from producer.chain.signing import Signer, generate_key_file
 from producer.ops.config import Config
@@ -23,9 +21,11 @@ from producer.ops.embedded import EmbeddedNats
 from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from tests.support import (
     cell_spec,
+    chain_kinds,
     eventually,
     history,
     make_config,
+    recorded_heads,
     run_guest,
     short_dir,
     trust_of,
@@ -76,19 +76,6 @@ def chains_of(payloads: list[bytes]) -> dict[str, list[bytes]]:
     return out
 
 
-def kinds(payloads: list[bytes]) -> list[str]:
-    events = sorted((msgspec.json.decode(p) for p in payloads), key=lambda e: e["sequence"])
-    return [e["type"].rsplit(".", 1)[1] for e in events if e["type"].startswith(CHAIN_TYPE)]
-
-
-async def heads_of(url: str) -> dict[str, Any]:
-    nc = await nats.connect(url)
-    try:
-        return dict(await read_heads(nc.jetstream(), "CELLOS_CHAIN_HEADS"))
-    finally:
-        await nc.close()
-
-
 async def test_a_wiped_data_dir_opens_a_chain_that_supersedes_the_lost_one(
     nats_server: EmbeddedNats,
 ) -> None:
@@ -98,7 +85,7 @@ async def test_a_wiped_data_dir_opens_a_chain_that_supersedes_the_lost_one(
             assert await first.drain(10)
             assert first.heads is not None and await first.heads.flush(10)
         (old_id,) = chains_of(await history(nats_server.url, "cell-1"))
-        recorded = (await heads_of(nats_server.url))[f"cell-1.run-1.{old_id}"]
+        recorded = (await recorded_heads(nats_server.url))[f"cell-1.run-1.{old_id}"]
 
         shutil.rmtree(Path(s.base) / "spool")  # the producer's state is gone
 
@@ -185,4 +172,4 @@ async def test_a_damaged_spool_is_recovered_and_the_loss_declared(
     ]
     assert 10 not in [int(e["sequence"]) for e in events]
     assert report.ok and report.sealed, report.problems  # the hole is declared, so not tampering
-    assert kinds(payloads)[:2] == ["opened", "resumed"]
+    assert chain_kinds(events)[:2] == ["opened", "resumed"]
