@@ -467,6 +467,18 @@ async def recorded_heads(url: str) -> dict[str, Any]:
         await nc.close()
 
 
+def damage_event(spool_dir: Path, sequence: int) -> Path:
+    """Flip one bit inside the spooled event of ``sequence`` (in the first segment, which
+    must hold it); returns the segment."""
+    segment = sorted(spool_dir.glob("seg-*.log"))[0]
+    data = bytearray(segment.read_bytes())
+    at = data.find(b'"sequence":"%020d"' % sequence)
+    assert at > 0, f"event {sequence} is not in {segment}"
+    data[at + 5] ^= 0x20
+    segment.write_bytes(bytes(data))
+    return segment
+
+
 def chain_kinds(events: list[dict[str, Any]]) -> list[str]:
     """The chain events' kinds (``opened``, ``resumed``, ...), in chain order."""
     return [e["type"].rsplit(".", 1)[1] for e in events if e["type"].startswith(CHAIN_TYPE)]

@@ -22,6 +22,7 @@ from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from tests.support import (
     cell_spec,
     chain_kinds,
+    damage_event,
     eventually,
     history,
     make_config,
@@ -148,12 +149,7 @@ async def test_a_damaged_spool_is_recovered_and_the_loss_declared(
         nats_server.kill()  # everything stays in the spool
         async with producer(s) as first:
             await feed(first, 30, seed=1)
-        segments = sorted((Path(s.base) / "spool").glob("seg-*.log"))
-        data = bytearray(segments[0].read_bytes())
-        at = data.find(b'"sequence":"%020d"' % 10)
-        assert at > 0
-        data[at + 5] ^= 0x20  # one flipped bit inside event 10
-        segments[0].write_bytes(bytes(data))
+        damage_event(Path(s.base) / "spool", 10)
 
         await nats_server.restart()
         async with producer(s) as second:
