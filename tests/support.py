@@ -182,6 +182,10 @@ async def feed_seal_verify(
     return await seal_and_verify(producer, url, signer)
 
 
+SOAK: Final = (pytest.mark.soak, pytest.mark.timeout(1800))
+"""Marks of a scenario's long variant: ``make soak`` runs it, ``make test`` does not."""
+
+
 # -- numbered guests ---------------------------------------------------------------------------
 
 GUEST_KINDS: Final = ("process.spawned", "process.exited", "net.connect_attempted")

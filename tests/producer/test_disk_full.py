@@ -22,7 +22,7 @@ import pytest
 
 from producer.delivery.spool import segment_indexes
 from producer.ops.embedded import EmbeddedNats
-from tests.support import Load, all_delivered, eventually, loaded, wait_for_guest_events
+from tests.support import SOAK, Load, all_delivered, eventually, loaded, wait_for_guest_events
 
 SIZE = 4 << 20
 RATE = 1000.0
@@ -53,29 +53,34 @@ def logged(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecor
     return [r for r in caplog.records if r.getMessage() == name]
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    ("min_free_bytes", "first_line"),
+    ("floor", "first_line"),
+    [(True, "spool_disk_low"), (False, "spool_write_failed")],
+    ids=["free-space-floor", "ENOSPC"],
+)
+@pytest.mark.parametrize(
+    "size",
     [
-        pytest.param(SIZE // 2, "spool_disk_low", id="free-space-floor"),
-        pytest.param(0, "spool_write_failed", id="ENOSPC"),
+        pytest.param(SIZE, id="4MiB", marks=pytest.mark.timeout(120)),
+        pytest.param(8 * SIZE, id="32MiB", marks=SOAK),
     ],
 )
 async def test_f_a_full_spool_disk_pauses_readers_and_recovers_as_root(
     nats_server: EmbeddedNats,
     caplog: pytest.LogCaptureFixture,
-    min_free_bytes: int,
+    floor: bool,
     first_line: str,
+    size: int,
 ) -> None:
     caplog.set_level(logging.INFO, logger="producer")
     url = nats_server.url
-    with tmpfs(SIZE) as disk:
-        spool_cfg = {"min_free_bytes": min_free_bytes, "segment_bytes": 64 << 10}
+    with tmpfs(size) as disk:
+        spool_cfg = {"min_free_bytes": size // 2 if floor else 0, "segment_bytes": 64 << 10}
         async with loaded(url, cells=2, rate=RATE, data_dir=disk, spool=spool_cfg) as load:
             await wait_for_guest_events(url, dict.fromkeys(load.guests, 20), timeout=30)
             nats_server.kill()
             await fill_up(load, first_line, caplog)
-            if not min_free_bytes:
+            if not floor:
                 take_what_is_left(disk)
             await nats_server.start()
             await recover(load, Path(disk) / "spool")

@@ -26,6 +26,7 @@ from producer.delivery.publisher import OutMsg, Publisher
 from producer.ops.embedded import EmbeddedNats
 from tests.support import (
     GUEST_RATE,
+    SOAK,
     STREAM,
     Stored,
     all_delivered,
@@ -38,14 +39,15 @@ from tests.support import (
     wait_for_guest_events,
 )
 
-soak = pytest.mark.soak
-
 # -- a: the broker killed for a while -------------------------------------------------------
 
 
-@pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "outage_s", [pytest.param(3.0, id="3s"), pytest.param(30.0, id="30s", marks=[soak])]
+    "outage_s",
+    [
+        pytest.param(3.0, id="3s", marks=pytest.mark.timeout(180)),
+        pytest.param(30.0, id="30s", marks=SOAK),
+    ],
 )
 async def test_a_broker_killed_under_load_loses_and_doubles_nothing(
     nats_server: EmbeddedNats, outage_s: float
@@ -86,9 +88,12 @@ async def stream_leader(url: str) -> tuple[str, int]:
     return info.cluster.leader, info.config.num_replicas or 1
 
 
-@pytest.mark.timeout(240)
 @pytest.mark.parametrize(
-    "kills", [pytest.param(1, id="once"), pytest.param(4, id="4x", marks=[soak])]
+    "kills",
+    [
+        pytest.param(1, id="once", marks=pytest.mark.timeout(240)),
+        pytest.param(4, id="4x", marks=SOAK),
+    ],
 )
 async def test_c_stream_leader_killed_under_load_loses_and_doubles_nothing(
     nats_cluster: list[EmbeddedNats], kills: int
@@ -114,9 +119,9 @@ async def test_c_stream_leader_killed_under_load_loses_and_doubles_nothing(
 # -- e: PubAcks lost for longer than the duplicate window ---------------------------------
 
 WINDOW_S = 2.0
-HOLD_S = 4 * WINDOW_S
-"""Long enough that the broker has forgotten the ids of the first events sent into the
-blackhole before any of them can be acknowledged (it purges ids older than the window)."""
+"""The stream's duplicate window. The outage lasts several: long enough that the broker
+has forgotten the ids of the first events sent into the blackhole before any of them can
+be acknowledged (it purges ids older than the window)."""
 
 
 class Blackhole:
@@ -182,10 +187,20 @@ def never_check(_: Publisher, __: OutMsg) -> bool:
     return False
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("guarded", [True, False], ids=["stored-check", "control-without-it"])
+@pytest.mark.parametrize(
+    ("windows", "cells"),
+    [
+        pytest.param(4, 2, id="4-windows", marks=pytest.mark.timeout(120)),
+        pytest.param(15, 4, id="15-windows", marks=SOAK),
+    ],
+)
 async def test_e_pubacks_lost_past_the_duplicate_window_store_nothing_twice(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, guarded: bool
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    guarded: bool,
+    windows: int,
+    cells: int,
 ) -> None:
     if not guarded:
         # The control: the same outage without the stored-check must store events twice,
@@ -194,7 +209,7 @@ async def test_e_pubacks_lost_past_the_duplicate_window_store_nothing_twice(
     nats_cfg = {"duplicate_window_s": WINDOW_S, "ack_timeout_s": 0.5}
     async with (
         Blackhole(nats_server.port) as proxy,
-        loaded(proxy.url, cells=2, nats=nats_cfg) as load,
+        loaded(proxy.url, cells=cells, nats=nats_cfg) as load,
     ):
         publisher = load.producer.publisher
         assert publisher is not None
@@ -204,7 +219,7 @@ async def test_e_pubacks_lost_past_the_duplicate_window_store_nothing_twice(
         before = await guest_counts(nats_server.url)
         timeouts = publisher.stats.timeouts
         # The outage itself: this long, while the guests keep sending.
-        await asyncio.sleep(HOLD_S)
+        await asyncio.sleep(windows * WINDOW_S)
         assert proxy.dropped > 0 and publisher.stats.timeouts > timeouts, "PubAcks were lost"
         after = await guest_counts(nats_server.url)  # straight from the broker
         assert all(after[c] > before[c] for c in before), "publishes were stored meanwhile"
