@@ -106,6 +106,26 @@ def check_connection(conn: Connection, got: list[int], slack: int) -> None:
         assert len(got) >= floor - slack, f"connection {conn.number}: frames read, not stored"
 
 
+def without_torn_writes(cell_id: str, events: list[dict[str, Any]], kinds: list[str]) -> list[str]:
+    """``kinds`` without the gaps a SIGKILL in the middle of a spool write may cause.
+
+    The kernel may cut a write short when the process is killed; the restarted producer
+    finds the torn record, moves it aside and declares the loss (``spool_damaged``) right
+    after its ``resumed``: what it held was at most one read per connection, which the
+    per-connection check allows for. Any other gap is a failure.
+    """
+    for e in events:
+        if e["type"].endswith(".gap"):
+            assert e["data"]["reason"] == "spool_damaged", (cell_id, e["data"])
+    out: list[str] = []
+    for kind in kinds:
+        if kind == "gap":
+            assert out and out[-1] == "resumed", (cell_id, kinds)
+        else:
+            out.append(kind)
+    return out
+
+
 @pytest.mark.parametrize(
     ("sig", "restarts", "cells", "rate", "linger_s"),
     [
@@ -174,6 +194,8 @@ async def test_b_restarts_under_load_lose_nothing_read_and_continue_every_chain(
     assert sorted(chains) == sorted(guests)
     for cell_id, events in chains.items():
         kinds = [k for k in chain_kinds(events) if k != "checkpoint"]
+        if sig == signal.SIGKILL:
+            kinds = without_torn_writes(cell_id, events, kinds)
         assert kinds == ["opened"] + ["resumed"] * restarts, (cell_id, kinds)
         resumed = [e["data"] for e in events if e["type"].endswith(".resumed")]
         assert all(r["clean"] is (sig == signal.SIGTERM) for r in resumed), resumed
