@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lint bench schemas clean
+.PHONY: demo test soak lint bench bench-spool schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/e2e.py $(ARGS)
+
+bench-spool: $(STAMP)
+	$(BIN)/python bench/spool.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
