@@ -215,8 +215,9 @@ class NumberedGuest:
     So what a stream holds can be held against what was sent: per connection, the frames
     stored must be exactly the first ``n`` sent, in order, each once. It writes with plain
     non-blocking ``send`` calls and counts the bytes the kernel took, and
-    :meth:`mark_read` subtracts what the kernel still holds unread (``SIOCOUTQ``), which
-    gives how many frames the producer had read by then, without asking the producer.
+    :meth:`mark_read` subtracts what the kernel still holds unread (``SIOCOUTQ``, which
+    counts whole socket buffers and so errs on the side of "unread"), which gives a lower
+    bound of the frames the producer had read by then, without asking the producer.
     When the producer goes away it reconnects, as the real agent does.
     """
 
