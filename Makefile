@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# The long variants of the durability scenarios (tens of minutes); `make test` skips them.
+# The long variants of the durability scenarios (about ten minutes on 2 cores); `make test` skips them.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak $(ARGS)
 
