@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-probes bench-verify schemas mutate clean host-tools
+.PHONY: demo test soak lint bench bench-probes bench-verify bench-spool schemas mutate clean host-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ $(BIN)/promtool: | $(STAMP)
 test: $(STAMP) host-tools $(BIN)/promtool
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# The long variants of the durability scenarios (about ten minutes on 2 cores); `make test` skips them.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -47,6 +51,9 @@ bench-probes: $(STAMP) host-tools
 
 bench-verify: $(STAMP)
 	$(BIN)/python bench/verify.py $(ARGS)
+
+bench-spool: $(STAMP)
+	$(BIN)/python bench/spool.py $(ARGS)
 
 # Mutation testing of the pure modules (docs/testing.md); survivors are listed at the end.
 mutate: $(STAMP)

@@ -32,7 +32,12 @@ def add_connection(p: argparse.ArgumentParser, *, required: bool = True) -> None
     g = p.add_argument_group(
         "NATS connection", "security as the daemon's [nats] keys of the same names"
     )
-    g.add_argument("--nats-url", metavar="URL", required=required, help="nats://host:4222")
+    g.add_argument(
+        "--nats-url",
+        metavar="URL",
+        required=required,
+        help="nats://host:4222, or a cluster's servers comma-separated",
+    )
     for flag, (field, metavar, text) in SECURITY_FLAGS.items():
         g.add_argument(flag, dest=f"nats_{field}", metavar=metavar, help=text)
     g.add_argument("--stream", default=DEFAULT_STREAM, help=f"stream (default {DEFAULT_STREAM})")

@@ -52,6 +52,7 @@ class ConnectOptions:
     (:class:`audit.connect.NatsAuth`: secrets from files only)."""
 
     url: str
+    """One server, or a cluster's servers comma-separated (as the daemon's ``nats.url``)."""
     auth: NatsAuth = field(default_factory=NatsAuth)
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 5.0
@@ -119,7 +120,7 @@ class Broker:
         kwargs = connect_kwargs(options.auth)
         try:
             nc = await nats.connect(
-                options.url,
+                [server.strip() for server in options.url.split(",")],  # a cluster's seeds
                 connect_timeout=max(1, round(options.connect_timeout_s)),
                 allow_reconnect=False,
                 max_reconnect_attempts=1,

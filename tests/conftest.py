@@ -9,16 +9,19 @@ share the test's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from producer.ops.embedded import EmbeddedNats
-from tests.support import HeldPort
+from producer.ops.embedded import Cluster, EmbeddedNats
+from tests.support import CLI, Daemon, HeldPort, clean_env
 
 SYSTEM_NATS_URL = "nats://127.0.0.1:4222"
 NATS_SERVER_29 = "/usr/sbin/nats-server"
@@ -66,6 +69,37 @@ async def held_port() -> AsyncIterator[HeldPort]:
         await port.close()
 
 
+def _route_port() -> int:
+    """A loopback port that was free a moment ago. Racy (another process may take it before
+    the server binds it), but a cluster's members must name each other's route ports up
+    front; client ports are always picked by the servers themselves."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[list[EmbeddedNats]]:
+    """Three clustered nats-servers on loopback (JetStream replicated across them)."""
+    route_ports = [_route_port() for _ in range(3)]
+    routes = [f"nats://127.0.0.1:{p}" for p in route_ports]
+    servers = [
+        EmbeddedNats(
+            tmp_path / f"n{i}",
+            name=f"cellos-n{i}",
+            cluster=Cluster("cellos-test", port, [r for r in routes if r != routes[i]]),
+        )
+        for i, port in enumerate(route_ports)
+    ]
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
+
+
 @pytest.fixture
 def system_nats_url() -> str:
     """The host's own broker, for read-only compatibility checks; skipped when absent."""
@@ -78,3 +112,35 @@ def system_nats_url() -> str:
     if not greeting.startswith(b"INFO"):
         pytest.skip(f"{SYSTEM_NATS_URL} does not speak the NATS protocol")
     return SYSTEM_NATS_URL
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start ``run --config FILE`` (through the console script, or ``entry`` such as
+    ``python -m producer``); every daemon started is killed at teardown if alive."""
+    started: list[Daemon] = []
+
+    async def start(config: Path, *extra: str, entry: Sequence[str] = (str(CLI),)) -> Daemon:
+        n = len(started)
+        out, err = tmp_path / f"daemon{n}.out", tmp_path / f"daemon{n}.err"
+        with out.open("wb") as out_f, err.open("wb") as err_f:
+            proc = await asyncio.create_subprocess_exec(
+                *entry,
+                "run",
+                "--config",
+                str(config),
+                *extra,
+                stdin=subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                env=clean_env(),
+            )
+        daemon = Daemon(proc, out, err)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            await daemon.kill()

@@ -5,6 +5,7 @@ Layout under ``<data_dir>/spool``::
 
     seg-<index>.log     append-only record segments (producer/delivery/records.py)
     state.json          chain states and watermarks, replaced atomically
+    reserve             disk space held back for state.json when the disk is full
     quarantine/         damaged bytes moved aside at recovery; never deleted by us
     lock                held (flock) by the one producer using this spool
 
@@ -61,6 +62,11 @@ from producer.ops.logs import event
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+RESERVE_FILE: Final = "reserve"
+RESERVE_BYTES: Final = 1 << 20
+"""Disk held back (a preallocated file) and given up when a snapshot finds the disk full.
+Segments are deleted only after a snapshot that no longer needs them, so without it a disk
+the spool filled to the last byte could never be freed again. Room for a large state."""
 SEGMENT_PREFIX: Final = "seg-"
 SEGMENT_SUFFIX: Final = ".log"
 ACK_RECORD_INTERVAL_S: Final = 0.1
@@ -298,6 +304,7 @@ class Spool:
         self.snapshot.generation += 1
         self._open_segment()
         self.write_snapshot(clean=False)
+        self._reserve()
 
     def _load_snapshot(self) -> None:
         path = os.path.join(self.opts.directory, STATE_FILE)
@@ -572,13 +579,18 @@ class Spool:
     def flush(self) -> None:
         """Write what this loop turn appended, in one ``write`` (the group commit)."""
         self._flush_handle = None
-        if not self._buffer or self._write_error is not None:
-            return
+        if self._write_error is None:
+            self._write()
+
+    def _write(self) -> bool:
+        """Write the buffer; False if that failed (it stays in memory for a retry)."""
+        if not self._buffer:
+            return True
         try:
             self._write_buffer()
         except OSError as exc:
             self._write_failed(exc)
-            return
+            return False
         if self.opts.fsync == "never":
             self._durable = self._written
             self._release()
@@ -589,6 +601,7 @@ class Spool:
         if seg.size >= self.opts.segment_bytes:
             self._rotate()
         self._update_space()
+        return True
 
     def _write_buffer(self) -> None:
         seg = self._active
@@ -626,13 +639,17 @@ class Spool:
             self._retry_handle = asyncio.get_running_loop().call_later(1.0, self._retry_write)
 
     def _retry_write(self) -> None:
+        """Try the failed write again; while it keeps failing, say nothing more (the error
+        stays set, so readers stay paused instead of flapping every second)."""
         self._retry_handle = None
-        self._write_error = None
-        self._check_disk()
-        self.flush()
-        if self._write_error is None:
+        if self._write():
+            self._write_error = None
             event(log, logging.WARNING, "spool_write_recovered")
-            self._update_space()
+            self._check_disk()
+        elif self._deletable:
+            # Only deleting acknowledged segments frees the disk: if the snapshot that must
+            # precede it failed, try it again.
+            self._schedule_maintenance()
 
     # -- durability and hand-off --------------------------------------------------------------
 
@@ -883,12 +900,20 @@ class Spool:
         self._deletable.clear()
         if not doomed:
             return
-        self.write_snapshot(clean=False)
+        try:
+            self.write_snapshot(clean=False)
+        except OSError as exc:
+            # Nothing is deleted without the snapshot; the next acknowledgement or write
+            # retry tries again.
+            self._deletable.update(doomed)
+            event(log, logging.ERROR, "spool_snapshot_failed", error=exc.strerror or repr(exc))
+            return
         for index in doomed:
             seg = self._segments.pop(index)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(seg.path)
         self._forget_settled_chains()
+        self._reserve()
         self._update_space()
 
     def _forget_settled_chains(self) -> None:
@@ -913,9 +938,37 @@ class Spool:
         snap.stopped_at = _last_event_time(self.chains.values()) if clean else None
         snap.chains = [self.chains[i] for i in sorted(self.chains)]
         path = os.path.join(self.opts.directory, STATE_FILE)
-        put_file(path, msgspec.json.encode(snap), mode=0o600, place=os.replace)
+        data = msgspec.json.encode(snap)
+        try:
+            put_file(path, data, mode=0o600, place=os.replace)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not self._release_reserve():
+                raise
+            put_file(path, data, mode=0o600, place=os.replace)
         if self._deliver is not None:
             self._release()
+
+    def _reserve(self) -> None:
+        """Hold :data:`RESERVE_BYTES` of disk back for a snapshot, if the disk can spare
+        twice that now (else at a later deletion)."""
+        path = os.path.join(self.opts.directory, RESERVE_FILE)
+        if os.path.exists(path) or self._free_bytes() < 2 * RESERVE_BYTES:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve up to a snapshot that found the disk full; False if none."""
+        try:
+            os.unlink(os.path.join(self.opts.directory, RESERVE_FILE))
+        except FileNotFoundError:
+            return False
+        event(log, logging.WARNING, "spool_reserve_released", bytes=RESERVE_BYTES)
+        return True
 
     def _check_disk(self) -> None:
         low = self._free_bytes() < self.opts.min_free_bytes

@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,7 +35,7 @@ from audit.connect import NatsAuth, connect_kwargs
 from audit.errors import ConnectOptionsError
 from producer.errors import EmbeddedServerError
 
-__all__ = ["BINARY_NAME", "LOG_FILE_NAME", "EmbeddedNats", "find_binary"]
+__all__ = ["BINARY_NAME", "LOG_FILE_NAME", "Cluster", "EmbeddedNats", "find_binary"]
 
 BINARY_NAME = "nats-server"
 LOG_FILE_NAME = "nats-server.log"
@@ -81,6 +83,20 @@ def find_binary() -> str:
     )
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Membership of one server in a JetStream cluster: the cluster's name, the port this
+    server accepts routes on, and the route URLs of its peers (``nats://host:port``).
+
+    Tests run three servers on loopback to exercise replicated streams (a stream leader
+    killed mid-load); every member needs a unique server ``name``.
+    """
+
+    name: str
+    port: int
+    routes: Sequence[str] = ()
+
+
 async def _ignore_error(_: Exception) -> None:
     """Swallow nats-py's async error reports during readiness probes.
 
@@ -114,6 +130,7 @@ class EmbeddedNats:
         start_timeout_s: float = 15.0,
         config_file: str | os.PathLike[str] | None = None,
         client_auth: NatsAuth | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         """``config_file`` is passed as ``-c`` (authorization, TLS, operator mode...); the
         command-line flags for address, port, JetStream and store still win over it.
@@ -126,6 +143,7 @@ class EmbeddedNats:
         self._start_timeout_s = start_timeout_s
         self._config_file = None if config_file is None else Path(config_file)
         self._client_auth = client_auth or NatsAuth()
+        self._cluster = cluster
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -142,6 +160,11 @@ class EmbeddedNats:
     @property
     def log_path(self) -> Path:
         return self._store_dir / LOG_FILE_NAME
+
+    @property
+    def name(self) -> str:
+        """The server name (``--name``), as JetStream reports it, e.g. as a stream leader."""
+        return self._name
 
     @property
     def host(self) -> str:
@@ -178,7 +201,8 @@ class EmbeddedNats:
         A listening socket is not enough: JetStream recovers its store after the port
         opens, and callers must be able to use it immediately (e.g. right after a restart
         in a crash test). Any failure kills the child before raising, so a failed start
-        never leaves a process behind.
+        never leaves a process behind. A cluster member's JetStream answers only once a
+        majority of the cluster runs, so start members together (``asyncio.gather``).
         """
         if self.running:
             raise EmbeddedServerError(f"{BINARY_NAME} already running (pid {self.pid})")
@@ -257,6 +281,17 @@ class EmbeddedNats:
             "--name",
             self._name,
         ]
+        if self._cluster is not None:
+            # These flags exist unchanged from nats-server 2.9 on.
+            route_host = _format_host(_connect_host(self._host))
+            args += [
+                "--cluster_name",
+                self._cluster.name,
+                "--cluster",
+                f"nats://{route_host}:{self._cluster.port}",
+            ]
+            if self._cluster.routes:
+                args += ["--routes", ",".join(self._cluster.routes)]
         # Always ask for the ports file: it is written under the child's pid only once the
         # child has bound its listener, which proves the port answering probes is ours and
         # not another server that already held it (the child would then fail to bind).

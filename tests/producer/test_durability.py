@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 
 from audit.digest import format_sequence
-from audit.source import Broker, ConnectOptions
 from audit.verify import ChainReport, verify_chain
 from producer.chain.signing import Signer, generate_key_file
 from producer.ops.config import Config
@@ -22,9 +21,12 @@ from producer.ops.embedded import EmbeddedNats
 from schemas.events import CHAIN_TYPE, GUEST_TYPE
 from tests.support import (
     cell_spec,
+    chain_kinds,
+    damage_event,
     eventually,
     history,
     make_config,
+    recorded_heads,
     run_guest,
     short_dir,
     trust_of,
@@ -75,18 +77,6 @@ def chains_of(payloads: list[bytes]) -> dict[str, list[bytes]]:
     return out
 
 
-def kinds(payloads: list[bytes]) -> list[str]:
-    events = sorted((msgspec.json.decode(p) for p in payloads), key=lambda e: e["sequence"])
-    return [e["type"].rsplit(".", 1)[1] for e in events if e["type"].startswith(CHAIN_TYPE)]
-
-
-async def heads_of(url: str) -> dict[str, Any]:
-    """Recorded heads by bucket key (``<cellId>.<runId>.<chainId>``)."""
-    async with await Broker.connect(ConnectOptions(url=url)) as broker:
-        heads = await broker.heads("CELLOS_CHAIN_HEADS")
-    return {h.key: h for h in heads.values()}
-
-
 async def test_a_wiped_data_dir_opens_a_chain_that_supersedes_the_lost_one(
     nats_server: EmbeddedNats,
 ) -> None:
@@ -96,7 +86,7 @@ async def test_a_wiped_data_dir_opens_a_chain_that_supersedes_the_lost_one(
             assert await first.drain(10)
             assert first.heads is not None and await first.heads.flush(10)
         (old_id,) = chains_of(await history(nats_server.url, "cell-1"))
-        recorded = (await heads_of(nats_server.url))[f"cell-1.run-1.{old_id}"]
+        recorded = (await recorded_heads(nats_server.url))[f"cell-1.run-1.{old_id}"]
 
         shutil.rmtree(Path(s.base) / "spool")  # the producer's state is gone
 
@@ -159,12 +149,7 @@ async def test_a_damaged_spool_is_recovered_and_the_loss_declared(
         nats_server.kill()  # everything stays in the spool
         async with producer(s) as first:
             await feed(first, 30, seed=1)
-        segments = sorted((Path(s.base) / "spool").glob("seg-*.log"))
-        data = bytearray(segments[0].read_bytes())
-        at = data.find(b'"sequence":"%020d"' % 10)
-        assert at > 0
-        data[at + 5] ^= 0x20  # one flipped bit inside event 10
-        segments[0].write_bytes(bytes(data))
+        damage_event(Path(s.base) / "spool", 10)
 
         await nats_server.restart()
         async with producer(s) as second:
@@ -183,4 +168,4 @@ async def test_a_damaged_spool_is_recovered_and_the_loss_declared(
     ]
     assert 10 not in [int(e["sequence"]) for e in events]
     assert report.ok and report.sealed, report.problems  # the hole is declared, so not tampering
-    assert kinds(payloads)[:2] == ["opened", "resumed"]
+    assert chain_kinds(events)[:2] == ["opened", "resumed"]

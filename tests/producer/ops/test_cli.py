@@ -21,11 +21,8 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from producer.ops.cli import main as cli_main
 from producer.ops.embedded import EmbeddedNats
-from tests.support import HeldPort, eventually
+from tests.support import CLI, Daemon, HeldPort, Result, acli, clean_env, cli, eventually
 
-CLI = Path(sys.executable).parent / "cellos-producer"
 SPEC_HASH = "sha256:" + "ab" * 32
 KID_LINE = re.compile(r"^kid: (ed25519:[0-9a-f]{16})$", re.MULTILINE)
 PUB_LINE = re.compile(r"^public key: ([A-Za-z0-9_-]{43})$", re.MULTILINE)
@@ -55,71 +51,6 @@ GUEST_KINDS = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """The test's environment minus any CELLOS_PRODUCER_* setting that would leak in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLOS_PRODUCER_")}
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, timeout: float = 20.0, env: dict[str, str] | None = None) -> Result:
-    """Run the console script to completion (killed after ``timeout``)."""
-    done = subprocess.run(
-        [str(CLI), *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env if env is not None else _env(),
-        check=False,
-    )
-    return Result(args, done.returncode, done.stdout, done.stderr)
-
-
-async def acli(*args: str, limit_s: float = 30.0, env: dict[str, str] | None = None) -> Result:
-    """:func:`cli` for async tests, so the event loop (and the fixtures on it) keep running."""
-    proc = await asyncio.create_subprocess_exec(
-        str(CLI),
-        *args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env if env is not None else _env(),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"cellos-producer {' '.join(args)} still running after {limit_s}s")
-    assert proc.returncode is not None
-    return Result(args, proc.returncode, out.decode(), err.decode())
-
-
-@dataclass
-class Result:
-    args: tuple[str, ...]
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return (
-            f"cellos-producer {' '.join(self.args)} -> exit {self.rc}\n"
-            f"--- stdout\n{self.out}--- stderr\n{self.err}"
-        )
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    lines = []
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if isinstance(obj, dict):
-                lines.append(obj)
-    return lines
 
 
 def _procs_mentioning(text: str) -> list[int]:
@@ -190,88 +121,6 @@ def _is_socket(path: Path) -> bool:
         return stat.S_ISSOCK(path.lstat().st_mode)
     except FileNotFoundError:
         return False
-
-
-class Daemon:
-    """``cellos-producer run`` as a child process, its output going to files we can poll."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, out: Path, err: Path) -> None:
-        self.proc = proc
-        self.out_path = out
-        self.err_path = err
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, Any]]:
-        return _json_lines(self.stderr)
-
-    def describe(self) -> str:
-        return (
-            f"daemon pid {self.proc.pid} returncode {self.proc.returncode}\n"
-            f"--- stdout\n{self.out_path.read_text(errors='replace')}--- stderr\n{self.stderr}"
-        )
-
-    async def wait_until(self, what: str, check: Callable[[], bool], limit_s: float) -> None:
-        """Poll ``check`` while the daemon lives; ``limit_s`` only bounds a broken build."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit_s
-        while not check():
-            if self.proc.returncode is not None:
-                pytest.fail(f"daemon exited before {what}\n{self.describe()}")
-            if loop.time() > deadline:
-                pytest.fail(f"no {what} within {limit_s}s\n{self.describe()}")
-            await asyncio.sleep(0.05)
-
-    def retries_logged(self) -> int:
-        return sum(e.get("event") == "nats_connect_retry" for e in self.log_events())
-
-    async def stop(self, sig: int, limit_s: float = 10.0) -> int:
-        """Send ``sig`` and return the exit code (failing if there is none in ``limit_s``)."""
-        self.proc.send_signal(sig)
-        try:
-            rc = await asyncio.wait_for(self.proc.wait(), limit_s)
-        except TimeoutError:
-            pytest.fail(f"daemon still running {limit_s}s after signal {sig}\n{self.describe()}")
-        return rc
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start ``run --config FILE``; every daemon started is killed at teardown if alive."""
-    started: list[Daemon] = []
-
-    async def start(config: Path, *extra: str) -> Daemon:
-        n = len(started)
-        out, err = tmp_path / f"daemon{n}.out", tmp_path / f"daemon{n}.err"
-        with out.open("wb") as out_f, err.open("wb") as err_f:
-            proc = await asyncio.create_subprocess_exec(
-                str(CLI),
-                "run",
-                "--config",
-                str(config),
-                *extra,
-                stdin=subprocess.DEVNULL,
-                stdout=out_f,
-                stderr=err_f,
-                env=_env(),
-            )
-        daemon = Daemon(proc, out, err)
-        started.append(daemon)
-        return daemon
-
-    try:
-        yield start
-    finally:
-        for daemon in started:
-            await daemon.kill()
 
 
 @pytest.fixture
@@ -589,7 +438,7 @@ def test_run_bad_override_flag_names_key(tmp_path: Path) -> None:
 def test_run_unknown_environment_key(tmp_path: Path) -> None:
     config = tmp_path / "good.toml"
     config.write_text(_valid_config(tmp_path))
-    env = _env(CELLOS_PRODUCER_NATS__BOGUS="1")
+    env = clean_env(CELLOS_PRODUCER_NATS__BOGUS="1")
     res = cli("run", "--config", str(config), timeout=10, env=env)
     assert res.rc == 2, res
     assert "CELLOS_PRODUCER_NATS__BOGUS" in res.err, res
@@ -892,7 +741,7 @@ def _demo_dirs(parent: Path) -> list[Path]:
 @pytest.mark.timeout(40)
 async def test_demo_embedded(short_dir: Path) -> None:
     # Without --data-dir the demo makes one under TMPDIR: keep it short and ours.
-    res = await acli("demo", "--seconds", "3", "--cells", "2", env=_env(TMPDIR=str(short_dir)))
+    res = await acli("demo", "--seconds", "3", "--cells", "2", env=clean_env(TMPDIR=str(short_dir)))
     assert res.rc == 0, res
     assert "(embedded)" in res.out
     assert "DEMO OK" in res.out, res
@@ -1020,7 +869,7 @@ def test_every_option_of_every_command_has_help_text() -> None:
 
 def test_run_without_config_names_the_file_it_reads(tmp_path: Path) -> None:
     absent = tmp_path / "nowhere.toml"
-    res = cli("run", timeout=10, env=_env(CELLOS_PRODUCER_CONFIG=str(absent)))
+    res = cli("run", timeout=10, env=clean_env(CELLOS_PRODUCER_CONFIG=str(absent)))
     assert res.rc == 2, res
     assert str(absent) in res.err and "--config" in res.err, res
 

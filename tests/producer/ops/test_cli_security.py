@@ -18,14 +18,11 @@ import pytest
 from producer.ops.embedded import EmbeddedNats
 from tests.natsauth import client_tls, make_pki, secured, tls_block
 from tests.producer.ops.test_cli import (  # noqa: F401 - fixtures are used by name
-    Daemon,
     _config_text,
-    acli,
-    cli,
     short_dir,
     signing,
-    start_daemon,
 )
+from tests.support import Daemon, acli, cli
 
 
 def _security_toml(**keys: str) -> str:
