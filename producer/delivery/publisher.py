@@ -58,7 +58,8 @@ class OutMsg:
     sent_at: float = 0.0
     not_before: float = 0.0
     first_attempt: float = 0.0
-    """Wall-clock time of the first send (0: never sent by this process)."""
+    """Wall-clock time of the first send (0: never sent). A caller that cannot rule out an
+    earlier send (a previous run's) sets the earliest time it may have happened."""
     ref: Any = None
     """The caller's handle on the message (the spooled event), returned in ``on_acked``."""
 
@@ -353,8 +354,12 @@ class Publisher:
             if not self._needs_check(msg):
                 return msg
             self._hold(msg)
-        if self._pending:
-            return self._pending.popleft()
+        pending = self._pending
+        while pending:
+            msg = pending.popleft()
+            if not msg.first_attempt or not self._needs_check(msg):
+                return msg
+            self._hold(msg)  # an earlier run may have sent it, too long ago to resend blind
         return None
 
     def _needs_check(self, msg: OutMsg) -> bool:

@@ -144,7 +144,7 @@ def scan(buf: bytes | memoryview, *, final: bool) -> Iterator[Record | Damage]:
             yield record
             pos = record.end
             continue
-        if not final and _could_complete(buf, pos):
+        if not final and is_cut_short(buf, pos):
             return
         nxt = _resync(buf, pos + 1)
         if nxt is None and not final:
@@ -154,8 +154,9 @@ def scan(buf: bytes | memoryview, *, final: bool) -> Iterator[Record | Damage]:
         pos = end
 
 
-def _could_complete(buf: bytes | memoryview, pos: int) -> bool:
-    """Whether the bytes at ``pos`` may be the start of a record cut off by the read."""
+def is_cut_short(buf: bytes | memoryview, pos: int) -> bool:
+    """Whether the bytes from ``pos`` to the end may be the start of one record cut off:
+    by a read that ends too early, or by a crash in the middle of a write."""
     rest = len(buf) - pos
     if rest < HEADER.size:
         return bytes(buf[pos : pos + 2]) == _MAGIC_BYTES[:rest] or rest < 2

@@ -288,7 +288,6 @@ class Producer:
             )
             self.heads.start()
             self._broker_ready.set()
-            await self._settle_recovered(js)
             self.spool.start_delivery(self._deliver, self.publisher.wait_for_space)
             event(log, logging.INFO, "broker_ready", nats=self.nats_url, stream=cfg.nats.stream)
         except asyncio.CancelledError:
@@ -335,41 +334,6 @@ class Producer:
                 stream=self.config.nats.stream,
                 note="the stream had vanished; events acknowledged before are no longer in it",
             )
-
-    async def _settle_recovered(self, js: JetStreamContext) -> None:
-        """Before publishing what a previous run left in the spool, settle what the stream
-        already has (its PubAck may have been lost with the process, or outlived the
-        duplicate window)."""
-        assert self.spool is not None
-        spool = self.spool
-        pending = spool.unacked_events()
-        if not pending:
-            return
-        since = spool.oldest_unacked_at()
-        candidates = [
-            (chain.identity.cell_id, f"{chain.identity.chain_id}-{seq}", since)
-            for idx, (lo, hi) in pending.items()
-            for chain in (spool.chains[idx],)
-            for seq in range(lo, hi + 1)
-        ]
-        found = await stored_ids(
-            js,
-            stream=self.config.nats.stream,
-            subject_prefix=self.config.nats.subject_prefix,
-            candidates=candidates,
-        )
-        by_id = {c.identity.chain_id: c for c in spool.chains.values()}
-        for msg_id in found:
-            chain_id, _, seq = msg_id.rpartition("-")
-            spool.mark_stored(by_id[chain_id], int(seq))
-        event(
-            log,
-            logging.INFO,
-            "spool_recovered",
-            unacked=len(candidates),
-            already_stored=len(found),
-            to_publish=len(candidates) - len(found),
-        )
 
     async def _supersedes(self, cell_id: str, run_id: str) -> dict[str, Any] | None:
         """For a new chain when this producer's state was lost: the chain it replaces, from
@@ -422,6 +386,7 @@ class Producer:
             headers = {"Nats-Msg-Id": msg_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
             msg = OutMsg(spooled.subject, spooled.payload, msg_id, headers)
         msg.ref = spooled
+        msg.first_attempt = spooled.sent_since
         publisher.offer(msg, force=True)
         return True
 

@@ -16,14 +16,19 @@ every frame every guest sent in it once, in order.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from types import TracebackType
 from typing import Self
 
 import nats
 import pytest
 
+from producer.chain.signing import generate_key_file
 from producer.delivery.publisher import OutMsg, Publisher
+from producer.guest.simulator import run_guest
+from producer.ops.daemon import Producer
 from producer.ops.embedded import EmbeddedNats
+from schemas.events import GUEST_TYPE
 from tests.support import (
     GUEST_RATE,
     SOAK,
@@ -31,11 +36,16 @@ from tests.support import (
     Stored,
     all_delivered,
     at_least,
+    cell_spec,
+    delivered_chains,
     eventually,
     guest_counts,
     loaded,
+    make_config,
     settle,
+    short_dir,
     stored,
+    trust_of,
     wait_for_guest_events,
 )
 
@@ -232,3 +242,70 @@ async def test_e_pubacks_lost_past_the_duplicate_window_store_nothing_twice(
             found: Stored = await stored(nats_server.url)
             doubled = [i for i, n in found.ids.items() if n > 1]
             assert doubled, "without the stored-check, re-sent events were stored twice"
+
+
+CANARY = "canary"
+
+
+async def until_ids_forgotten(url: str, timeout: float = 30.0) -> None:
+    """Until the broker has forgotten every ``Nats-Msg-Id`` stored so far: a canary stored
+    now is taken as new again once its duplicate window has passed (the window forgets
+    ids oldest first). The stream denies purges, so readers drop the canary themselves."""
+    subject = f"cellos.telemetry.{CANARY}"
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.publish(subject, b"", headers={"Nats-Msg-Id": "canary"})
+
+        async def forgotten() -> bool:
+            ack = await js.publish(subject, b"", headers={"Nats-Msg-Id": "canary"})
+            return not ack.duplicate
+
+        await eventually(forgotten, timeout=timeout)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("guarded", [True, False], ids=["stored-check", "control-without-it"])
+async def test_e_a_restart_past_the_window_after_lost_pubacks_stores_nothing_twice(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, guarded: bool
+) -> None:
+    # A run whose PubAcks are swallowed stops with its events stored but unacknowledged;
+    # the next run starts once the broker has forgotten their ids. It cannot tell which
+    # the stream has, so it must ask before sending any of them again.
+    if not guarded:
+        monkeypatch.setattr(Publisher, "_needs_check", never_check)
+    base = short_dir()
+    key = f"{base}/signing.key"
+    signer = generate_key_file(key)
+    nats_cfg = {"duplicate_window_s": WINDOW_S, "ack_timeout_s": 0.5}
+    try:
+        async with Blackhole(nats_server.port) as proxy:
+            config = make_config(proxy.url, key, (cell_spec(base, 1),), nats=nats_cfg)
+            first = Producer(config, signer=signer)
+            await first.startup()
+            assert await first.drain(30)  # `opened` is acknowledged: the broker is ready
+            proxy.dropping = True
+            assert first.registry is not None
+            await run_guest(first.registry.cells["cell-1"].socket_path, rate=0, count=40, seed=3)
+            await wait_for_guest_events(nats_server.url, {"cell-1": 40}, timeout=30)
+            assert not await first.shutdown(grace_s=0.5)  # stopped with nothing acknowledged
+        await until_ids_forgotten(nats_server.url)
+
+        # The cell is gone from the config, so the second run seals its chain at startup.
+        second = Producer(make_config(nats_server.url, key, (), nats=nats_cfg), signer=signer)
+        await second.startup()
+        try:
+            assert await second.drain(30)
+        finally:
+            await second.shutdown()
+        found = await stored(nats_server.url)
+        del found.by_cell[CANARY], found.ids[CANARY]
+        if guarded:
+            (events,) = delivered_chains(found, trust_of(signer)).values()
+            assert sum(e["type"].startswith(GUEST_TYPE) for e in events) == 40
+        else:
+            assert any(n > 1 for n in found.ids.values()), "re-sent events were stored twice"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -62,6 +62,11 @@ def append(spool: Spool, chain: ChainState, n: int, *, flags: int = rec.SIGNED) 
     return payloads
 
 
+def add_bytes(path: Path, data: bytes) -> None:
+    with path.open("ab") as fh:
+        fh.write(data)
+
+
 class Sink:
     """Stands in for the publisher: a window of ``room`` messages."""
 
@@ -249,26 +254,67 @@ async def test_a_full_window_spills_to_disk_and_is_fed_back_in_order(tmp_path: P
     await spool.close(clean=True)
 
 
-async def test_a_torn_tail_is_quarantined_and_declared(tmp_path: Path) -> None:
+async def test_a_write_cut_short_by_a_crash_is_cut_off_without_declaring_a_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing of a write is handed to the publisher before the whole write is done, so a
+    # record a crash cut short was never published: the chain goes on from the last whole
+    # record, and declaring a loss would blame a chain that lost nothing.
     spool = Spool(opts(tmp_path))
     spool.open()
     chain = new_chain(spool)
-    append(spool, chain, 6)
+    append(spool, chain, 5)
     spool.flush()
     path = spool._active.path
+    whole = os.path.getsize(path)
+    append(spool, chain, 1)  # the crash comes before this one is written
     crash(spool)
-    size = os.path.getsize(path)
-    os.truncate(path, size - 20)  # the last record loses its end
+    record = rec.encode_event(0, 6, rec.SIGNED, "t.cell-1.guest.x", b"x" * 100)
+    add_bytes(Path(path), record[:60])  # what a write killed half-way leaves behind
 
     again = Spool(opts(tmp_path))
     again.open()
     (restored,) = again.open_chains()
     assert restored.sequence == 5
+    assert again.damage == [] and again.losses == {}
+    assert os.path.getsize(path) == whole
+    assert os.listdir(tmp_path / "spool" / "quarantine") == []
+    assert any(r.msg == "spool_torn_tail_cut" for r in caplog.records)
+    append(again, restored, 1)  # the chain continues at 6, once
+    sink = Sink()
+    again.start_delivery(sink.deliver, sink.wait)
+    await until(lambda: len(sink.got) == 6)
+    assert [e.sequence for e in sink.got] == [1, 2, 3, 4, 5, 6]
+    await again.close(clean=True)
+
+
+@pytest.mark.parametrize("where", ["end of an older segment", "garbage at the end"])
+async def test_damage_that_no_crash_explains_is_quarantined_and_declared(
+    tmp_path: Path, where: str
+) -> None:
+    small = {"segment_bytes": 400} if where == "end of an older segment" else {}
+    spool = Spool(opts(tmp_path, **small))
+    spool.open()
+    chain = new_chain(spool)
+    append(spool, chain, 6)
+    spool.flush()
+    segments = sorted((tmp_path / "spool").glob("seg-*.log"))
+    crash(spool)
+    if where == "garbage at the end":
+        target = segments[-1]
+        add_bytes(target, b"\x00" * 40)
+    else:
+        assert len(segments) > 1
+        target = segments[0]
+        os.truncate(target, os.path.getsize(target) - 20)  # a closed segment lost its end
+    size = os.path.getsize(target)
+
+    again = Spool(opts(tmp_path))
+    again.open()
+    (restored,) = again.open_chains()
     (report,) = again.damage
-    assert os.path.exists(report.quarantined)
-    assert os.path.getsize(report.quarantined) == size - 20
-    loss = again.losses[restored.idx]
-    assert loss.count >= 1
+    assert os.path.getsize(report.quarantined) == size
+    assert again.losses[restored.idx].count >= 1
     await again.close(clean=True)
 
 
@@ -348,24 +394,29 @@ async def test_one_spool_one_producer(tmp_path: Path) -> None:
     await spool.close(clean=True)
 
 
-async def test_events_found_in_the_stream_are_settled_without_delivery(tmp_path: Path) -> None:
+async def test_events_an_earlier_run_left_unacked_say_since_when_they_may_be_stored(
+    tmp_path: Path,
+) -> None:
+    # The publisher asks the stream about such an event before sending it once more, if
+    # its seal time is older than half the duplicate window: the earlier run may have
+    # published it and lost only the PubAck. Events of this run were never sent.
     spool = Spool(opts(tmp_path))
     spool.open()
     chain = new_chain(spool)
-    append(spool, chain, 5)
+    append(spool, chain, 3)
     spool.flush()
     crash(spool)
     again = Spool(opts(tmp_path))
     again.open()
     (restored,) = again.open_chains()
-    assert again.unacked_events() == {restored.idx: (1, 5)}
-    for seq in (1, 2, 4):
-        again.mark_stored(restored, seq)
-    assert restored.acked_seq == 2 and again.depth() == 2
+    append(again, restored, 2)
+    again.flush()
     sink = Sink()
     again.start_delivery(sink.deliver, sink.wait)
-    await until(lambda: len(sink.got) == 2)
-    assert [e.sequence for e in sink.got] == [3, 5]
+    await until(lambda: len(sink.got) == 5)
+    sealed_at = [f"2026-12-01T10:00:{seq:02d}.000000Z" for seq in (1, 2, 3)]
+    assert [e.sent_since for e in sink.got[:3]] == [spool_module._epoch(t) for t in sealed_at]
+    assert [e.sent_since for e in sink.got[3:]] == [0.0, 0.0]
     await again.close(clean=True)
 
 
