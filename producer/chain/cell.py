@@ -269,7 +269,10 @@ class CellRuntime:
         self._arm_cover(now_s)
         if done == len(batch):
             batch.clear()
-            return True
+            if force or spool.accepting():
+                return True
+            self._wait_for_space()  # the spool paces readers by the publisher
+            return False
         del batch[:done]
         if self._settings.drop_newest:
             self._drop(batch)

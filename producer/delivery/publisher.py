@@ -222,10 +222,12 @@ class Publisher:
         on_acked: AckCallback | None = None,
         stored_check: StoredCheck | None = None,
         on_no_stream: Callable[[], None] | None = None,
+        on_connection: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.opts = opts
+        self._on_connection = on_connection
         self.stats = PublisherStats()
         self._on_acked = on_acked
         self._stored_check = stored_check
@@ -282,7 +284,7 @@ class Publisher:
             pending_msgs_limit=4 * self.opts.max_inflight + 1024,
             pending_bytes_limit=-1,
         )
-        self._connected.set()
+        self._set_connected(True)
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="publisher-send"),
             asyncio.create_task(self._timeout_loop(), name="publisher-timeouts"),
@@ -532,11 +534,19 @@ class Publisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def _set_connected(self, up: bool) -> None:
+        if up:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        if self._on_connection is not None:
+            self._on_connection(up)
+
     async def _on_disconnected(self) -> None:
         if self._closed:
             return
         self.stats.disconnects += 1
-        self._connected.clear()
+        self._set_connected(False)
         self._errors_while_down = 0
         log.warning(
             "nats_disconnected",
@@ -552,7 +562,7 @@ class Publisher:
         for msg in reversed(stranded):
             self._retry.appendleft(msg)
             msg.not_before = 0.0
-        self._connected.set()
+        self._set_connected(True)
         self._wake.set()
         self._check_wake.set()
         log.info(

@@ -212,11 +212,9 @@ Deliver = Callable[[SpooledEvent], bool]
 """Hands a durable event to the publisher; False when its window is full."""
 
 
-@dataclass(slots=True)
-class _Pending:
-    segment: int
-    end: int
-    spooled: SpooledEvent | None
+_Pending = tuple[int, int, SpooledEvent | None]
+"""A record written but not yet durable: its segment, where it ends, and the event (None
+for other records). A tuple: one is made per event, on the hot path."""
 
 
 class Spool:
@@ -271,6 +269,8 @@ class Spool:
         self._disk_low = False
         self._write_error: OSError | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
+        self._full = False
+        self._paced = False
         self._space = asyncio.Event()
         self._space.set()
         self._unacked = 0
@@ -562,10 +562,28 @@ class Spool:
     def has_space(self) -> bool:
         """Room for more events: below ``max_bytes``, above the free-disk floor, and the last
         write did not fail."""
+        return not self._full
+
+    def accepting(self) -> bool:
+        """Whether guest readers may go on: there is room, and they are not running ahead of
+        a publisher that is draining (see :meth:`set_paced`)."""
         return self._space.is_set()
 
     async def wait_for_space(self) -> None:
+        """Wait until :meth:`accepting`."""
         await self._space.wait()
+
+    def set_paced(self, paced: bool) -> None:
+        """Pace readers by the publisher (``True`` while the broker is connected).
+
+        While the broker takes events, readers that outrun the publisher's window only
+        push events through the disk and back (written, read, decoded again), CPU the
+        publisher needs: so while paced, readers wait whenever the window is full and
+        records are waiting on disk. While the broker is away they read ahead into the
+        spool up to its bound, which is what the spool is for.
+        """
+        self._paced = paced
+        self._update_space()
 
     def can_overflow(self) -> bool:
         """Whether the disk would still take events beyond ``max_bytes`` (what was already
@@ -608,7 +626,7 @@ class Spool:
         assert seg is not None
         self._buffer.append(data)
         self._buffered += len(data)
-        self._pending.append(_Pending(seg.index, seg.size + self._buffered, spooled))
+        self._pending.append((seg.index, seg.size + self._buffered, spooled))
         self._since_space_check += len(data)
         if self._since_space_check >= SPACE_CHECK_BYTES:
             self._since_space_check = 0
@@ -739,15 +757,16 @@ class Spool:
     def _release(self) -> None:
         """Hand every durable record to the publisher, in log order."""
         pending, durable, deliver = self._pending, self._durable, self._deliver
-        while pending and (pending[0].segment, pending[0].end) <= durable:
-            item = pending.popleft()
-            spooled = item.spooled
+        while pending and pending[0][:2] <= durable:
+            segment, end, spooled = pending.popleft()
             if spooled is None or deliver is None or self._spill is not None:
                 continue  # not an event, or the feeder will bring it back from disk
             if not deliver(spooled):
-                self._spill = (item.segment, item.end - _record_size(spooled))
+                self._spill = (segment, end - _record_size(spooled))
                 self.stats.spills += 1
                 self._feed_wake.set()
+                if self._paced:
+                    self._update_space()
 
     def start_delivery(self, deliver: Deliver, wait_window: Callable[[], Awaitable[Any]]) -> None:
         """Hand records to ``deliver``: first what is already on disk (oldest first), then
@@ -756,6 +775,7 @@ class Spool:
         self._deliver = deliver
         self._wait_window = wait_window
         self._spill = (min(self._segments), 0)
+        self._update_space()
         self._feed_wake.set()
         self._schedule_maintenance()
         if self._feeder is None:
@@ -782,6 +802,8 @@ class Spool:
                 # Caught up with the durable end: new records flow directly again.
                 self._spill = None
                 self._release()
+                if self._paced:
+                    self._update_space()
                 return False
             self._spill = (min(later), 0)
             return True
@@ -1010,8 +1032,8 @@ class Spool:
             or self._disk_low
             or self.live_bytes() >= self.opts.max_bytes
         )
-        if full and self._space.is_set():
-            self._space.clear()
+        if full and not self._full:
+            self._full = True
             self.stats.full += 1
             event(
                 log,
@@ -1022,9 +1044,13 @@ class Spool:
                 disk_low=self._disk_low,
                 write_error=self._write_error is not None,
             )
-        elif not full and not self._space.is_set():
-            self._space.set()
+        elif not full and self._full:
+            self._full = False
             event(log, logging.INFO, "spool_space_available", live_bytes=self.live_bytes())
+        if full or (self._paced and self._spill is not None):
+            self._space.clear()
+        else:
+            self._space.set()
 
     def _free_bytes(self) -> int:
         try:

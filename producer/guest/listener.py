@@ -145,7 +145,10 @@ class CellListener:
 
     def expire_slow(self, timeout_s: float) -> int:
         """Close every connection whose incomplete frame began more than ``timeout_s``
-        ago (a guest trickling bytes to hold a slot); how many were closed."""
+        ago (a guest trickling bytes to hold a slot); how many were closed. Not while
+        reading is paused: a frame we hold unread is our delay, not the guest's."""
+        if self.paused:
+            return 0
         cutoff = self.now() - timeout_s
         slow = [
             c for c in self.connections if c.partial_since is not None and c.partial_since < cutoff
@@ -171,7 +174,10 @@ class CellListener:
     def resume(self) -> None:
         if self.paused:
             self.paused = False
+            now = self.now()
             for conn in self.connections:
+                if conn.partial_since is not None:
+                    conn.partial_since = now  # its deadline runs from when we read again
                 if conn.transport is not None and not conn.transport.is_closing():
                     conn.transport.resume_reading()
 

@@ -213,6 +213,7 @@ class Producer:
             on_acked=self._on_acked,
             stored_check=self._stored_check,
             on_no_stream=self._on_no_stream,
+            on_connection=spool.set_paced,
         )
         self._broker_task = asyncio.get_running_loop().create_task(
             self._run_broker(), name="broker"

@@ -254,6 +254,32 @@ async def test_a_full_window_spills_to_disk_and_is_fed_back_in_order(tmp_path: P
     await spool.close(clean=True)
 
 
+async def test_a_paced_spool_holds_readers_back_while_records_wait_on_disk(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(opts(tmp_path))
+    spool.open()
+    sink = Sink(room=3)
+    spool.start_delivery(sink.deliver, sink.wait)
+    chain = new_chain(spool)
+    await until(lambda: spool._spill is None)
+    spool.set_paced(True)
+    append(spool, chain, 5)
+    spool.flush()
+    await until(lambda: len(sink.got) == 3)
+    # The window is full and two records wait on disk: readers pause, the bound is not hit.
+    assert spool.has_space() and not spool.accepting()
+    spool.set_paced(False)  # the broker went away: read ahead into the spool
+    assert spool.accepting()
+    spool.set_paced(True)
+    assert not spool.accepting()
+    sink.widen(10**9)
+    await asyncio.wait_for(spool.wait_for_space(), 30)  # caught up: readers go on
+    assert [e.sequence for e in sink.got] == [1, 2, 3, 4, 5]
+    assert spool.accepting() and spool.stats.full == 0
+    await spool.close(clean=True)
+
+
 async def test_a_write_cut_short_by_a_crash_is_cut_off_without_declaring_a_loss(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
