@@ -325,6 +325,7 @@ def bench_config(
     inflight: int,
     queue: int,
     targets: dict[str, dict[str, Any]],
+    probe_interval: float,
 ) -> Config:
     specs = []
     for i, cell_id in enumerate(cell_ids(cells)):
@@ -347,7 +348,7 @@ def bench_config(
         ),
         signing=SigningConfig(key_file=key_file, mode=mode),  # type: ignore[arg-type]
         queue=QueueConfig(max_events=queue),
-        probes=ProbesConfig(interval_s=1.0, timeout_s=0.5),
+        probes=ProbesConfig(interval_s=probe_interval, timeout_s=min(0.5, probe_interval / 2)),
         metrics=MetricsConfig(listen=""),
         log=LogConfig(level="warning"),
         cells=tuple(specs),
@@ -367,7 +368,7 @@ async def run_producer(
     label = f"{mode}+probes" if probes else mode
     run_dir = os.path.join(root, label)
     os.makedirs(run_dir)
-    host = DemoHost(run_dir)
+    host = DemoHost(run_dir, workload=False)  # probing, not a simulated tenant, is measured
     targets = host.setup(cell_ids(args.cells)) if probes else {}
     for note in host.notes:
         print(f"probes: {note}")
@@ -385,6 +386,7 @@ async def run_producer(
             inflight=args.inflight,
             queue=args.queue,
             targets=targets,
+            probe_interval=args.probe_interval,
         )
         producer = Producer(config, signer=signer)
         guests: Guests | None = None
@@ -611,8 +613,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--probes",
         action="store_true",
-        help="also run each mode with every cell's four host probes at a 1 s tick on real "
-        "namespaces, nft tables, cgroups and TAPs (root), to measure what probing costs",
+        help="also run each mode with every cell's four host probes on real namespaces, nft "
+        "tables, cgroups and TAPs (root), to measure what probing costs",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=ProbesConfig().interval_s,
+        metavar="S",
+        help="probe tick with --probes (default: the daemon's default, %(default)s s)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -625,6 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need at least one cell and one event per cell")
     if args.queue <= 0:
         p.error("--queue must be positive")
+    if args.probe_interval <= 0:
+        p.error("--probe-interval must be positive")
     return args
 
 

@@ -58,8 +58,11 @@ class CellHost:
 class DemoHost:
     """Sets up and tears down the demo cells' host objects (best effort, says why not)."""
 
-    def __init__(self, work_dir: str) -> None:
+    def __init__(self, work_dir: str, *, workload: bool = True) -> None:
+        """``workload=False`` leaves out the stand-in tenant (busy process, ping traffic),
+        for measuring what probing costs rather than what a simulated guest does."""
         self._dir = Path(work_dir)
+        self._workload = workload
         self.cells: dict[str, CellHost] = {}
         self.notes: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,18 +109,13 @@ class DemoHost:
         path = root / tag
         try:
             path.mkdir()
-            busy = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "import time\nwhile True:\n sum(range(20000)); time.sleep(0.05)",
-                ]
-            )
-            (path / "cgroup.procs").write_text(str(busy.pid))
+            host.cgroup = path
+            if self._workload:
+                host.busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+                (path / "cgroup.procs").write_text(str(host.busy.pid))
         except OSError as exc:
             self._note("cgroup", f"cannot create {path}: {exc.strerror}")
             return
-        host.cgroup, host.busy = path, busy
         host.targets["cgroup_path"] = str(path)
 
     def _tap(self, host: CellHost, tag: str) -> None:
@@ -144,7 +142,7 @@ class DemoHost:
         the counter series move in the live view."""
         loop = asyncio.get_running_loop()
         for host in self.cells.values():
-            self._tasks.append(loop.create_task(_activity(host)))
+            self._tasks.append(loop.create_task(_activity(host, traffic=self._workload)))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -168,11 +166,11 @@ class DemoHost:
                 _ok("ip", "netns", "del", host.netns)
 
 
-async def _activity(host: CellHost) -> None:
+async def _activity(host: CellHost, *, traffic: bool) -> None:
     n = 0
     while True:
         n += 1
-        if host.netns is not None:
+        if traffic and host.netns is not None:
             await asyncio.to_thread(
                 _ok,
                 "ip",
