@@ -4,13 +4,23 @@ API (``verify_chain`` and its report), so they hold whatever the verifier's insi
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from audit.canonical import canonical
-from audit.verify import ChainReport, verify_chain
+from audit.verify import (
+    ChainReport,
+    Problem,
+    Reason,
+    StreamVerifier,
+    Supersedes,
+    Verdict,
+    prepare,
+    verify_chain,
+)
 from tests.chains import ChainBuilder, full_chain, new_signer
 
 SIGNER = new_signer()
@@ -30,12 +40,28 @@ def _resigned(payload: bytes, change: Callable[[dict[str, Any]], None]) -> bytes
     return canonical(event)
 
 
+def _exact(report: ChainReport, *expected: tuple[int | None, Reason, str]) -> None:
+    """Every problem with its sequence and reason, not only its text."""
+    assert report.problems == [detail for _, _, detail in expected]
+    assert report.problem_counts == dict(Counter(str(reason) for _, reason, _ in expected))
+    assert report.problems_total == len(expected)
+    first = expected[0]
+    assert report.first_problem == Problem(sequence=first[0], reason=first[1], detail=first[2])
+
+
+def _stream(payloads: list[bytes], trust: dict[str, bytes] = TRUST) -> list[ChainReport]:
+    verifier = StreamVerifier(trust)
+    for index, payload in enumerate(payloads):
+        verifier.add(prepare(payload, index, trust))
+    return verifier.finish()
+
+
 def test_a_second_sealed_does_not_hide_the_events_after_the_first() -> None:
     b = full_chain(SIGNER)
     b.guest(200)
     b.sealed()
     report = _report(b.payloads)
-    assert report.problems == ["seq 10: sealed, yet 2 event(s) follow it"]
+    _exact(report, (11, Reason.AFTER_SEAL, "seq 10: sealed, yet 2 event(s) follow it"))
     assert report.sealed
 
 
@@ -43,16 +69,17 @@ def test_the_first_event_links_to_nothing() -> None:
     b = ChainBuilder(SIGNER)
     b.opened()
     linked = _resigned(b.payloads[0], lambda e: e.update(prevhash="sha256:" + "0" * 64))
-    assert _report([linked]).problems == ["seq 1: prevhash must be empty"]
+    _exact(_report([linked]), (1, Reason.BROKEN_LINK, "seq 1: prevhash must be empty"))
 
 
 def test_unsigned_opened_is_detected() -> None:
     b = ChainBuilder(SIGNER)
     b.opened(sign=False)
-    assert _report(b.payloads).problems == [
-        "seq 1: opened is not signed by the key it announces",
-        "seq 1: opened event is not validly signed",
-    ]
+    _exact(
+        _report(b.payloads),
+        (1, Reason.BAD_OPENED, "seq 1: opened is not signed by the key it announces"),
+        (1, Reason.UNSIGNED, "seq 1: opened event is not validly signed"),
+    )
 
 
 def test_an_event_too_deep_to_canonicalize_is_reported() -> None:
@@ -70,16 +97,20 @@ def test_event_whose_data_is_not_an_object() -> None:
     b.opened()
     b.guest(1)
     report = _report([b.payloads[0], _resigned(b.payloads[1], lambda e: e.update(data=5))])
-    assert report.problems == [
-        "seq 2: data is not an object",
-        "seq 2: belongs to chain None/None, not 'cell-7'/'run-1'",
-        "seq 2: subject 'cell-7' is not its cellId",
-    ]
+    _exact(
+        report,
+        (2, Reason.MALFORMED, "seq 2: data is not an object"),
+        (2, Reason.SPLICED, "seq 2: belongs to chain None/None, not 'cell-7'/'run-1'"),
+        (2, Reason.WRONG_SUBJECT, "seq 2: subject 'cell-7' is not its cellId"),
+    )
 
 
 def test_a_hole_is_one_problem_and_the_link_across_it_is_not_judged() -> None:
     chain = full_chain(SIGNER).payloads
-    assert _report(chain[:2] + chain[3:]).problems == ["seq 3 missing (an undeclared hole)"]
+    _exact(
+        _report(chain[:2] + chain[3:]),
+        (3, Reason.SEQUENCE_JUMP, "seq 3 missing (an undeclared hole)"),
+    )
 
 
 def test_checkpoint_after_a_hole_is_judged_by_its_own_prevhash() -> None:
@@ -88,9 +119,10 @@ def test_checkpoint_after_a_hole_is_judged_by_its_own_prevhash() -> None:
     b.guest(1)
     b.guest(2)
     b.checkpoint()
-    assert _report([*b.payloads[:2], b.payloads[3]]).problems == [
-        "seq 3 missing (an undeclared hole)"
-    ]
+    _exact(
+        _report([*b.payloads[:2], b.payloads[3]]),
+        (3, Reason.SEQUENCE_JUMP, "seq 3 missing (an undeclared hole)"),
+    )
 
 
 def test_checkpoint_names_the_event_before_it_not_its_own_prevhash() -> None:
@@ -98,9 +130,10 @@ def test_checkpoint_names_the_event_before_it_not_its_own_prevhash() -> None:
     b.opened()
     b.guest(1)
     relinked = _resigned(b.checkpoint(), lambda e: e.update(prevhash="sha256:" + "1" * 64))
-    assert _report([*b.payloads[:2], relinked]).problems == [
-        "seq 3: prevhash is not the digest of seq 2"
-    ]
+    _exact(
+        _report([*b.payloads[:2], relinked]),
+        (3, Reason.BROKEN_LINK, "seq 3: prevhash is not the digest of seq 2"),
+    )
 
 
 def test_hostile_nesting_is_a_problem_not_a_crash() -> None:
@@ -109,3 +142,85 @@ def test_hostile_nesting_is_a_problem_not_a_crash() -> None:
     report = _report([*chain, deep])
     assert not report.ok
     assert any("nested too deeply" in p for p in report.problems), report.problems
+
+
+# -- the keys and chains opened announces ------------------------------------------------
+
+
+def test_opened_must_announce_the_chain_its_ids_name() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    forged = _resigned(b.payloads[0], lambda e: e["data"].update(chainId="0" * 16))
+    (report,) = _stream([forged, b.payloads[1]])
+    _exact(
+        report,
+        (1, Reason.BAD_OPENED, "seq 1: opened announces chainId '0000000000000000'"),
+        (2, Reason.BROKEN_LINK, "seq 2: prevhash is not the digest of seq 1"),
+    )
+
+
+def test_opened_without_a_usable_public_key() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    forged = _resigned(b.payloads[0], lambda e: e["data"].update(publicKey="not-a-key"))
+    _exact(
+        _report([forged, b.payloads[1]]),
+        (1, Reason.BAD_OPENED, "seq 1: opened carries no valid publicKey"),
+        (2, Reason.BROKEN_LINK, "seq 2: prevhash is not the digest of seq 1"),
+    )
+
+
+def test_opened_announcing_another_key_than_the_trusted_one_for_its_id() -> None:
+    other = new_signer()
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    forged = _resigned(b.payloads[0], lambda e: e["data"].update(publicKey=other.public_key_b64))
+    _exact(
+        _report([forged, b.payloads[1]]),
+        (1, Reason.BAD_OPENED, f"seq 1: opened's publicKey is not the trusted key {SIGNER.kid!r}"),
+        (2, Reason.BROKEN_LINK, "seq 2: prevhash is not the digest of seq 1"),
+    )
+
+
+def test_opened_signed_by_another_key_than_it_announces() -> None:
+    other = new_signer()
+    b = ChainBuilder(SIGNER)
+    b.opened(announce=other)
+    b.guest(1)
+    _exact(
+        _report(b.payloads),
+        (1, Reason.BAD_OPENED, "seq 1: opened is not signed by the key it announces"),
+        (1, Reason.UNKNOWN_KEY, f"seq 1: opened names key {other.kid!r}, which is not trusted"),
+    )
+    # Trusting the announced key does not make the signature its own.
+    _exact(
+        verify_chain(b.payloads, {**TRUST, other.kid: other.public_raw}),
+        (1, Reason.BAD_OPENED, "seq 1: opened is not signed by the key it announces"),
+    )
+
+
+def test_a_superseding_chain_names_what_it_replaces_and_the_old_one_says_so() -> None:
+    old = ChainBuilder(SIGNER, run="run-1")
+    old.opened()
+    old.guest(1)
+    new = ChainBuilder(SIGNER, run="run-2")
+    new.chain_id = "f" * 16
+    head = old.sealer.head_hash
+    new.opened(
+        supersedes={
+            "chainId": old.chain_id,
+            "lastKnownSequence": "00000000000000000002",
+            "lastKnownDigest": head,
+            "reason": "state_lost",
+        }
+    )
+    new.guest(1)
+    reports = {r.chain_id: r for r in _stream([*old.payloads, *new.payloads])}
+    assert reports[new.chain_id].supersedes == Supersedes(
+        chain_id=old.chain_id, last_known_sequence=2, last_known_digest=head, reason="state_lost"
+    )
+    assert reports[old.chain_id].verdict == Verdict.SUPERSEDED
+    assert reports[old.chain_id].superseded_by == new.chain_id
