@@ -19,6 +19,7 @@ import termios
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -150,6 +151,41 @@ def send_stream(path: str, data: bytes, *, half_close: bool, wait_close_s: float
             return sock.recv(1) == b""
         except TimeoutError:
             return False
+
+
+class LoopLag:
+    """The event loop's worst lateness while it runs: how long past its time a timer fired.
+
+    A bound the producer keeps with the loop's own timers (SPEC 5.1's ``max_unsigned_ms``)
+    moves with it when a busy host starves the loop, so a test judging such a bound from
+    timestamps allows this much on top (never a guess at how busy CI is)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s = period_s
+        self.worst_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.period_s
+            await asyncio.sleep(self.period_s)
+            self.worst_s = max(self.worst_s, loop.time() - due)
+
+    @property
+    def allowance(self) -> timedelta:
+        """Lateness to allow a timer-kept bound: the worst seen plus one watch period."""
+        return timedelta(seconds=self.worst_s + self.period_s)
 
 
 async def eventually(cond: Callable[[], object], timeout: float = 10.0) -> None:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import msgspec
+import tenacity
 from aiohttp import web
 from nats.js import JetStreamContext
 
@@ -48,7 +49,7 @@ from producer.delivery.publisher import (
 )
 from producer.delivery.spool import Spool, SpooledEvent, SpoolOptions
 from producer.delivery.stream import StreamCheck, ensure_stream
-from producer.errors import BrokerError, ConfigError, ProducerError
+from producer.errors import BrokerError, ConfigError, ProducerError, StreamConfigError
 from producer.guest.listener import VsockRouter
 from producer.ops.config import CellSpec, Config
 from producer.ops.control import remove_control_socket, serve_control
@@ -277,17 +278,7 @@ class Producer:
             nc = await connect_nats(self.publisher.opts, **self.publisher.callbacks())
             await self.publisher.start(nc)
             js = self._js = nc.jetstream()
-            check = await self._ensure_stream(js)
-            for warning in check.warnings:
-                event(
-                    log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning
-                )
-            replicas = cfg.nats.stream_replicas
-            self.heads = HeadRecorder(
-                await open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
-                reopen=lambda: open_bucket(js, cfg.nats.heads_bucket, replicas=replicas),
-            )
-            self.heads.start()
+            await self._set_up_stream(js)
             self._broker_ready.set()
             self.spool.start_delivery(self._deliver, self.publisher.wait_for_space)
             event(log, logging.INFO, "broker_ready", nats=self.nats_url, stream=cfg.nats.stream)
@@ -297,6 +288,30 @@ class Producer:
             self.fatal = exc
             event(log, logging.ERROR, "broker_setup_failed", error=str(exc))
             self.request_shutdown()
+
+    async def _set_up_stream(self, js: JetStreamContext) -> None:
+        """Check (or create) the stream and open the heads bucket. What the broker could not
+        answer yet (a cluster still electing a leader, a host too busy to reply in time) is
+        tried again, paced, for as long as it takes; only a stream that cannot keep the
+        delivery promise (:class:`StreamConfigError`) is final."""
+        cfg = self.config
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(_transient),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=30),
+            before_sleep=_log_setup_retry,
+            reraise=True,
+        )
+        replicas = cfg.nats.stream_replicas
+        async for attempt in retrying:
+            with attempt:
+                check = await self._ensure_stream(js)
+                bucket = await open_bucket(js, cfg.nats.heads_bucket, replicas=replicas)
+        for warning in check.warnings:
+            event(log, logging.WARNING, "stream_warning", stream=cfg.nats.stream, problem=warning)
+        self.heads = HeadRecorder(
+            bucket, reopen=lambda: open_bucket(js, cfg.nats.heads_bucket, replicas=replicas)
+        )
+        self.heads.start()
 
     async def _ensure_stream(self, js: JetStreamContext) -> StreamCheck:
         nats_cfg = self.config.nats
@@ -571,3 +586,19 @@ class Producer:
             reconnects=st.reconnects,
             backlog=self.publisher.backlog,
         )
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, BrokerError) and not isinstance(exc, StreamConfigError)
+
+
+def _log_setup_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    event(
+        log,
+        logging.WARNING,
+        "broker_setup_retrying",
+        attempt=state.attempt_number,
+        retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
+        error=str(exc),
+    )

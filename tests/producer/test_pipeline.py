@@ -39,6 +39,7 @@ from schemas.generate import HERE as SCHEMA_DIR
 from tests.support import (
     VECTORS,
     HeldPort,
+    LoopLag,
     assert_valid_event,
     cell_spec,
     eventually,
@@ -167,11 +168,16 @@ async def test_strict_mode_signs_every_event(nats_server: EmbeddedNats) -> None:
 
 
 def _assert_signing_bounds(
-    events: list[dict[str, Any]], *, max_unsigned: int, max_unsigned_ms: int
+    events: list[dict[str, Any]],
+    *,
+    max_unsigned: int,
+    max_unsigned_ms: int,
+    late: timedelta = timedelta(0),
 ) -> int:
     """SPEC 5.1 over one whole chain, judged from the events alone: chain events signed,
     and every unsigned run covered by a signed event within ``max_unsigned`` events and
-    within ``max_unsigned_ms`` of the run's first event (by the events' own ``time``).
+    within ``max_unsigned_ms`` of the run's first event (by the events' own ``time``),
+    plus ``late``: how late the event loop's timers ran meanwhile (:class:`LoopLag`).
     Returns how many events went out unsigned."""
     run: list[dict[str, Any]] = []
     unsigned = 0
@@ -184,7 +190,7 @@ def _assert_signing_bounds(
             continue
         if run:
             waited = _at(e["time"]) - _at(run[0]["time"])
-            assert waited <= timedelta(milliseconds=max_unsigned_ms), (run[0], e)
+            assert waited <= timedelta(milliseconds=max_unsigned_ms) + late, (run[0], e)
         run = []
     assert not run, "an unsigned tail was never covered"
     return unsigned
@@ -223,17 +229,22 @@ async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
     # early and never come back, so every later signature is one the policy had to force.
     monkeypatch.setattr(daemon, "measure_sign_cost", lambda _signer: 1000.0)
     # The time bound is kept by the event loop's timers, so a host that starves the loop
-    # delays the covering signature by as long as it starves it (seen: 264 ms, with four
-    # busy processes per core). 2 s keeps this test about the rule, not the host; the
-    # rule itself is tested to the microsecond with an injected clock (test_signpolicy).
-    max_unsigned, max_unsigned_ms, n_cells, burst = 16, 2000, 8, 1000
+    # delays the covering signature by as long as it starves it (seen: 264 ms with four
+    # busy processes per core, 407 ms beyond a 2 s bound with a busy loop per core and the
+    # suite running). The test allows what the loop's lateness was, measured beside it;
+    # the rule itself is tested to the microsecond with an injected clock
+    # (test_signpolicy).
+    max_unsigned, max_unsigned_ms, n_cells, burst = 16, 1000, 8, 1000
     signing = {"max_unsigned": max_unsigned, "max_unsigned_ms": max_unsigned_ms}
-    async with running_producer(
-        nats_server.url,
-        cells=n_cells,
-        signing=signing,
-        silence={"window_ms": 600_000},  # agent_silenced is the next test's
-    ) as (p, signer, _):
+    async with (
+        LoopLag() as lag,
+        running_producer(
+            nats_server.url,
+            cells=n_cells,
+            signing=signing,
+            silence={"window_ms": 600_000},  # agent_silenced is the next test's
+        ) as (p, signer, _),
+    ):
         assert p.registry is not None and p.publisher is not None
         cells = list(p.registry.cells.values())
         ids = [c.cell_id for c in cells]
@@ -266,7 +277,10 @@ async def test_adaptive_mode_under_a_burst_on_many_cells_keeps_its_bounds(
             assert report.ok and report.sealed, report.problems
             assert report.events == len(events) >= burst + 4  # opened, cover, one, sealed
             unsigned = _assert_signing_bounds(
-                events, max_unsigned=max_unsigned, max_unsigned_ms=max_unsigned_ms
+                events,
+                max_unsigned=max_unsigned,
+                max_unsigned_ms=max_unsigned_ms,
+                late=lag.allowance,
             )
             assert unsigned > burst // 2, "the budget should have run dry"
             assert report.signed == report.events - unsigned

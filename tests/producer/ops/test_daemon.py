@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+from typing import Any
 
 import msgspec
 import nats
@@ -14,7 +15,9 @@ import pytest
 
 from audit.verify import verify_chain
 from producer.chain.signing import generate_key_file
+from producer.errors import BrokerError
 from producer.guest.simulator import run_guest
+from producer.ops import daemon as daemon_module
 from producer.ops import registry
 from producer.ops.config import Config
 from producer.ops.daemon import Producer
@@ -22,6 +25,7 @@ from producer.ops.embedded import EmbeddedNats
 from tests.support import (
     cell_spec,
     eventually,
+    feed_seal_verify,
     history,
     make_config,
     running_producer,
@@ -174,3 +178,28 @@ async def test_stream_replicas_reach_the_first_stream_creation(
             await nc.jetstream().stream_info("CELLOS_TELEMETRY")
     finally:
         await nc.close()
+
+
+async def test_a_stream_check_the_broker_could_not_answer_is_tried_again(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster still electing a leader (or a host too busy to answer in time) fails the
+    stream check with a timeout: the producer tries again instead of stopping."""
+    real = daemon_module.ensure_stream
+    calls = 0
+
+    async def slow_cluster(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise BrokerError("cannot read stream CELLOS: nats: timeout")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(daemon_module, "ensure_stream", slow_cluster)
+    caplog.set_level(logging.INFO, logger="producer")
+    async with running_producer(nats_server.url) as (producer, signer, _):
+        await eventually(lambda: "broker_ready" in caplog.messages, timeout=30)
+        assert producer.fatal is None and calls == 2
+        assert "broker_setup_retrying" in caplog.messages
+        report, _ = await feed_seal_verify(producer, nats_server.url, signer, count=20, seed=4)
+    assert report.ok, report.problems
