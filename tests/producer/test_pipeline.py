@@ -210,13 +210,18 @@ async def _chains(url: str, cell_ids: list[str]) -> dict[str, list[dict[str, Any
     return chains
 
 
-async def _until_every_tail_is_signed(url: str, cell_ids: list[str]) -> dict[str, Any]:
-    """Wait, without any further event, until each chain's latest event is signed."""
+async def _until_every_tail_is_signed(
+    url: str, cell_ids: list[str], *, at_least: int = 1
+) -> dict[str, Any]:
+    """Wait, without any further event, until each chain holds ``at_least`` events and
+    its latest one is signed."""
     seen: dict[str, list[dict[str, Any]]] = {}
 
     async def covered() -> bool:
         seen.update(await _chains(url, cell_ids))
-        return all("signature" in events[-1] for events in seen.values())
+        return all(
+            len(events) >= at_least and "signature" in events[-1] for events in seen.values()
+        )
 
     await eventually(covered, timeout=30)
     return seen
@@ -305,7 +310,7 @@ async def test_an_unsigned_agent_silenced_is_covered_too(
         assert p.registry is not None
         cell = p.registry.cells["cell-1"]
         await eventually(lambda: cell.counters.events >= 2)  # opened, agent_silenced
-        tail = await _until_every_tail_is_signed(nats_server.url, ["cell-1"])
+        tail = await _until_every_tail_is_signed(nats_server.url, ["cell-1"], at_least=3)
     _opened, silenced, cover = tail["cell-1"]
     assert silenced["type"] == GUEST_TYPE + "agent_silenced" and "signature" not in silenced
     assert cover["type"] == CHAIN_TYPE + "checkpoint" and "signature" in cover

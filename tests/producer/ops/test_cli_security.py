@@ -22,7 +22,7 @@ from tests.producer.ops.test_cli import (  # noqa: F401 - fixtures are used by n
     short_dir,
     signing,
 )
-from tests.support import Daemon, acli, cli
+from tests.support import Daemon, acli, cli, eventually
 
 
 def _security_toml(**keys: str) -> str:
@@ -97,9 +97,6 @@ async def test_password_and_mutual_tls_from_config_and_flags(
 
         await daemon.wait_until("broker_ready", ready, 30)
         assert good_password.strip() not in daemon.stderr
-        rc = await daemon.stop(signal.SIGTERM, limit_s=30)
-        assert rc == 0, daemon.describe()
-
         flags = [
             "--user",
             "producer",
@@ -113,6 +110,16 @@ async def test_password_and_mutual_tls_from_config_and_flags(
             pki.client_key,
         ]
         verify = ["verify", "--nats-url", server.url, "--trust", str(trust)]
+
+        async def opened_is_stored() -> bool:
+            # broker_ready comes before the spool's first events are acknowledged; a stop
+            # before that keeps them in the spool (correctly) and the stream is empty.
+            return "1 chain(s)" in (await acli(*verify, *flags)).out
+
+        await eventually(opened_is_stored, timeout=30)
+        rc = await daemon.stop(signal.SIGTERM, limit_s=30)
+        assert rc == 0, daemon.describe()
+
         res = await acli(*verify, *flags)
         assert res.rc == 0, res
         assert "1 chain(s), 1 verified, 0 failed" in res.out, res
