@@ -324,8 +324,8 @@ def bench_config(
     cells: int,
     inflight: int,
     queue: int,
-    targets: dict[str, dict[str, Any]],
-    probe_interval: float,
+    targets: dict[str, dict[str, Any]] | None = None,
+    probe_interval: float = ProbesConfig().interval_s,
 ) -> Config:
     specs = []
     for i, cell_id in enumerate(cell_ids(cells)):
@@ -337,7 +337,7 @@ def bench_config(
                 run_id=f"run-{mode}",
                 spec_signature_hash="sha256:" + secrets.token_hex(32),
                 vsock_uds_base=os.path.join(cell_dir, "vsock"),
-                **targets.get(cell_id, {}),
+                **(targets or {}).get(cell_id, {}),
             )
         )
     return Config(
