@@ -8,6 +8,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from audit.digest import format_sequence
+from audit.verify import ChainReport, StreamVerifier, prepare
 from producer.chain.sealer import ChainSealer
 from producer.chain.signing import Signer
 from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
@@ -161,3 +162,14 @@ def full_chain(signer: Signer, cell: str = "cell-7", run: str = "run-1") -> Chai
     b.guest(104)
     b.sealed()
     return b
+
+
+def verify_stream_of(
+    payloads: list[bytes], trust: dict[str, bytes], **kw: Any
+) -> list[ChainReport]:
+    """Every chain of a stream (the payloads in stream order), through the streaming
+    verifier as ``cellos-audit verify`` runs it, without a broker."""
+    verifier = StreamVerifier(trust, **kw)
+    for index, payload in enumerate(payloads):
+        verifier.add(prepare(payload, index, trust))
+    return verifier.finish()

@@ -19,14 +19,13 @@ from audit.verify import (
     UNATTRIBUTED,
     ChainReport,
     Reason,
-    StreamVerifier,
     Verdict,
     group_chains,
     verify_chain,
 )
 from producer.chain.signing import Signer
 from schemas.heads import ChainHead
-from tests.chains import ChainBuilder, full_chain, new_signer
+from tests.chains import ChainBuilder, full_chain, new_signer, verify_stream_of
 
 OPENED_TYPE = "dev.cellos.events.cell.observability.chain.v1.opened"
 SIGNER = new_signer()
@@ -374,13 +373,6 @@ def test_recorded_head_tells_a_cut_tail_from_a_quiet_cell() -> None:
 # ---- key rotation, restarts, superseded chains (StreamVerifier)
 
 
-def _stream(payloads: list[bytes], trust: dict[str, bytes], **kw: Any) -> list[ChainReport]:
-    verifier = StreamVerifier(trust, **kw)
-    for index, payload in enumerate(payloads):
-        verifier.add(prepare(payload, index, trust))
-    return verifier.finish()
-
-
 def test_a_rotated_key_is_accepted_and_each_keys_span_reported() -> None:
     old, new = new_signer(), new_signer()
     b = ChainBuilder(old)
@@ -392,7 +384,7 @@ def test_a_rotated_key_is_accepted_and_each_keys_span_reported() -> None:
     b.guest(3)
     b.sealed()
     trust = {old.kid: old.public_raw, new.kid: new.public_raw}
-    (report,) = _stream(b.payloads, trust)
+    (report,) = verify_stream_of(b.payloads, trust)
     assert report.verdict == Verdict.INTACT_SEALED, report.problems
     assert [(s.kid, s.first, s.last, s.signed) for s in report.key_spans] == [
         (old.kid, 1, 2, 2),
@@ -400,7 +392,7 @@ def test_a_rotated_key_is_accepted_and_each_keys_span_reported() -> None:
     ]
     assert [(r.sequence, r.clean, r.signkid) for r in report.restarts] == [(4, True, new.kid)]
     # without the new key the rotation is the first failure
-    (only_old,) = _stream(b.payloads, {old.kid: old.public_raw})
+    (only_old,) = verify_stream_of(b.payloads, {old.kid: old.public_raw})
     assert only_old.verdict == Verdict.TAMPERED and only_old.first_problem is not None
     assert (only_old.first_problem.sequence, only_old.first_problem.reason) == (
         3,
@@ -416,7 +408,9 @@ def test_resumed_must_announce_the_key_that_signs_it() -> None:
     b.resumed()
     forged = _edit(b.payloads[2], lambda e: e["data"].update(signkid=other.kid))
     resigned = canonical(_resign(msgspec.json.decode(forged), SIGNER))
-    (report,) = _stream([*b.payloads[:2], resigned], {**TRUST, other.kid: other.public_raw})
+    (report,) = verify_stream_of(
+        [*b.payloads[:2], resigned], {**TRUST, other.kid: other.public_raw}
+    )
     assert report.first_problem is not None
     assert report.first_problem.reason == Reason.BAD_RESUMED, report.problems
 
@@ -456,20 +450,26 @@ def test_a_superseded_chain_is_reported_as_such_from_its_recorded_head() -> None
             type="checkpoint",
         )
     }
-    reports = {r.chain_id: r for r in _stream(first.payloads + second.payloads, TRUST, heads=heads)}
+    reports = {
+        r.chain_id: r
+        for r in verify_stream_of(first.payloads + second.payloads, TRUST, heads=heads)
+    }
     old, new = reports[first.chain_id], reports[second.chain_id]
     assert old.verdict == Verdict.SUPERSEDED and old.superseded_by == second.chain_id
     assert new.supersedes is not None and new.supersedes.chain_id == first.chain_id
     assert new.verdict == Verdict.UNANCHORED  # open, and no head recorded for it
     # cut before its recorded head, a superseded chain is still truncated
-    cut = {r.chain_id: r for r in _stream(first.payloads[:2] + second.payloads, TRUST, heads=heads)}
+    cut = {
+        r.chain_id: r
+        for r in verify_stream_of(first.payloads[:2] + second.payloads, TRUST, heads=heads)
+    }
     assert cut[first.chain_id].verdict == Verdict.TRUNCATED
 
 
 def test_a_reordered_stream_is_not_tampering() -> None:
     b = full_chain(SIGNER)
     swapped = [*b.payloads[:3], b.payloads[4], b.payloads[3], *b.payloads[5:]]
-    (report,) = _stream(swapped, TRUST)
+    (report,) = verify_stream_of(swapped, TRUST)
     assert report.verdict == Verdict.INTACT_SEALED, report.problems
 
 
@@ -479,7 +479,7 @@ def test_problems_are_capped_and_counted() -> None:
     b.opened()
     for pid in range(120):
         b.guest(pid)
-    (report,) = _stream(b.payloads, TRUST)
+    (report,) = verify_stream_of(b.payloads, TRUST)
     assert report.problems_total > len(report.problems) == 50
     assert report.problem_counts["unknown-key"] == 122  # opened's key, then every signature
     assert report.first_problem is not None and report.first_problem.sequence == 1
@@ -549,12 +549,12 @@ def test_redeliveries_are_compared_within_the_digest_window_only() -> None:
     b = _long_chain(DIGEST_WINDOW + 200)
     last = len(b.payloads)
     recent, old = b.payloads[last - 100], b.payloads[99]  # seq last-99 and seq 100
-    (report,) = _stream([*b.payloads, recent, old], TRUST)
+    (report,) = verify_stream_of([*b.payloads, recent, old], TRUST)
     assert report.duplicates == [last - 99]
     assert report.problems == [
         "seq 100: arrived out of place, after the chain had moved on "
         "(too far to compare or to check its links)"
     ]
     # a chain whose retained history starts late still remembers what it saw
-    (trimmed,) = _stream([*b.payloads[5000:], b.payloads[5100]], TRUST, trimmed=True)
+    (trimmed,) = verify_stream_of([*b.payloads[5000:], b.payloads[5100]], TRUST, trimmed=True)
     assert trimmed.retained_from == 5001 and trimmed.duplicates == [5101] and trimmed.ok

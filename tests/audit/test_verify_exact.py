@@ -15,13 +15,11 @@ from audit.verify import (
     ChainReport,
     Problem,
     Reason,
-    StreamVerifier,
     Supersedes,
     Verdict,
-    prepare,
     verify_chain,
 )
-from tests.chains import ChainBuilder, full_chain, new_signer
+from tests.chains import ChainBuilder, full_chain, new_signer, verify_stream_of
 
 SIGNER = new_signer()
 TRUST = {SIGNER.kid: SIGNER.public_raw}
@@ -47,13 +45,6 @@ def _exact(report: ChainReport, *expected: tuple[int | None, Reason, str]) -> No
     assert report.problems_total == len(expected)
     first = expected[0]
     assert report.first_problem == Problem(sequence=first[0], reason=first[1], detail=first[2])
-
-
-def _stream(payloads: list[bytes], trust: dict[str, bytes] = TRUST) -> list[ChainReport]:
-    verifier = StreamVerifier(trust)
-    for index, payload in enumerate(payloads):
-        verifier.add(prepare(payload, index, trust))
-    return verifier.finish()
 
 
 def test_a_second_sealed_does_not_hide_the_events_after_the_first() -> None:
@@ -152,7 +143,7 @@ def test_opened_must_announce_the_chain_its_ids_name() -> None:
     b.opened()
     b.guest(1)
     forged = _resigned(b.payloads[0], lambda e: e["data"].update(chainId="0" * 16))
-    (report,) = _stream([forged, b.payloads[1]])
+    (report,) = verify_stream_of([forged, b.payloads[1]], TRUST)
     _exact(
         report,
         (1, Reason.BAD_OPENED, "seq 1: opened announces chainId '0000000000000000'"),
@@ -218,7 +209,7 @@ def test_a_superseding_chain_names_what_it_replaces_and_the_old_one_says_so() ->
         }
     )
     new.guest(1)
-    reports = {r.chain_id: r for r in _stream([*old.payloads, *new.payloads])}
+    reports = {r.chain_id: r for r in verify_stream_of([*old.payloads, *new.payloads], TRUST)}
     assert reports[new.chain_id].supersedes == Supersedes(
         chain_id=old.chain_id, last_known_sequence=2, last_known_digest=head, reason="state_lost"
     )
