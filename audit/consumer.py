@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -18,12 +18,16 @@ from audit.connect import NatsAuth
 from audit.events import Received, rfc3339
 from audit.export import ExportHeader, ExportReader, ExportWriter
 from audit.options import DEFAULT_HEADS_BUCKET, DEFAULT_PREFIX, DEFAULT_STREAM
-from audit.pipeline import Message, Preparer
+from audit.pipeline import Message, Preparer, ReadRange, Source
+from audit.prepare import Prepared
 from audit.source import Broker, ConnectOptions, Start, StreamState
 from audit.verify import ChainReport, StreamVerifier
 
 PARALLEL_FROM: Final = 20_000
 """Below this many messages starting worker processes costs more than it saves."""
+READ_CHUNK: Final = 4096
+"""Messages a worker reads per consumer: creating and deleting one costs about as much
+as reading a few dozen messages, and the workers hold at most ``2 x workers + 1`` chunks."""
 
 Progress = Callable[[int, int | None], None]
 """Called now and then during a long read: (messages so far, total or None)."""
@@ -96,11 +100,13 @@ async def verify_stream(
     workers: int | None = None,
     every_signature: bool = False,
     progress: Progress | None = None,
+    read_chunk: int = READ_CHUNK,
 ) -> Verification:
     """Verify every chain in the scope, reading the stream once in bounded memory.
 
-    ``workers``: processes checking signatures (None: one per CPU for a stream of at least
-    :data:`PARALLEL_FROM` messages, else none; 0: all in this process).
+    ``workers``: processes reading the stream and checking signatures, ``read_chunk``
+    messages at a time (None: one per CPU for a stream of at least :data:`PARALLEL_FROM`
+    messages, else none; 0: all in this process).
     ``every_signature``: check each signature directly, rather than anchors plus the hash
     links (see :mod:`audit.pipeline`)."""
     state = await broker.stream_state(scope.stream, scope.subjects if scope.cell else None)
@@ -109,19 +115,40 @@ async def verify_stream(
     verifier = StreamVerifier(trust, heads=heads, trimmed=state.first_seq > 1)
     if workers is None and total < PARALLEL_FROM:
         workers = 0
-
-    async def messages() -> AsyncIterator[Message]:
-        async for m in replay(broker, scope):
-            yield (m.raw, m.subject, m.stream_seq)
-
-    await _run(
-        verifier,
-        Preparer(trust, prefix=scope.prefix, workers=workers, every_signature=every_signature),
-        messages(),
-        total,
-        progress,
+    preparer = Preparer(
+        trust,
+        prefix=scope.prefix,
+        workers=workers,
+        every_signature=every_signature,
+        source=Source(broker.options, scope.stream, scope.subjects),
     )
+    if preparer.workers > 0:
+        spans = read_ranges(state.first_seq, state.last_seq, total, read_chunk)
+        with preparer:
+            await _run(verifier, preparer.map_reads(spans), total, progress)
+    else:
+
+        async def messages() -> AsyncIterator[Message]:
+            async for m in replay(broker, scope):
+                yield (m.raw, m.subject, m.stream_seq)
+
+        with preparer:
+            await _run(verifier, preparer.map(messages()), total, progress)
     return Verification(reports=verifier.finish(), messages=verifier.messages, stream=state)
+
+
+def read_ranges(first: int, last: int, messages: int, chunk: int) -> Iterator[ReadRange]:
+    """Stream sequence ranges of about ``chunk`` of the ``messages`` stored between
+    ``first`` and ``last`` (spread evenly, as far as anyone can know before reading), then
+    one open range for what is stored while they are read."""
+    first = max(first, 1)
+    if messages > 0 and last >= first:
+        step = max(1, (last - first + 1) * chunk // messages)
+        while first <= last:
+            end = min(first + step - 1, last)
+            yield ReadRange(first, end)
+            first = end + 1
+    yield ReadRange(first, None)
 
 
 async def verify_file(
@@ -145,28 +172,21 @@ async def verify_file(
         for m in reader.messages():
             yield (m.raw, m.subject, m.stream_seq)
 
-    await _run(
-        verifier,
-        Preparer(trust, prefix=prefix, workers=workers, every_signature=every_signature),
-        messages(),
-        None,
-        progress,
-    )
+    with Preparer(trust, prefix=prefix, workers=workers, every_signature=every_signature) as p:
+        await _run(verifier, p.map(messages()), None, progress)
     return Verification(reports=verifier.finish(), messages=verifier.messages, stream=None)
 
 
 async def _run(
     verifier: StreamVerifier,
-    preparer: Preparer,
-    messages: AsyncIterator[Message],
+    prepared: AsyncIterator[Prepared],
     total: int | None,
     progress: Progress | None,
 ) -> None:
-    with preparer:
-        async for prepared in preparer.map(messages):
-            verifier.add(prepared)
-            if progress is not None and not verifier.messages % 1024:
-                progress(verifier.messages, total)
+    async for p in prepared:
+        verifier.add(p)
+        if progress is not None and not verifier.messages % 1024:
+            progress(verifier.messages, total)
     if progress is not None:
         progress(verifier.messages, total)
 

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 
 class AuditError(Exception):
-    """Root of every error raised by the audit package."""
+    """Root of every error raised by the audit package.
+
+    Errors pickle with their fields (a worker process's error reaches the caller as the
+    same type), although their constructors take the fields rather than the message.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[AuditError], args: tuple[object, ...], fields: dict[str, object]
+) -> AuditError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
 
 
 class CanonicalizationError(AuditError):

@@ -79,8 +79,9 @@ class Prepared(msgspec.Struct, array_like=True, gc=False):
     expected_subject: str | None = None
     """The subject this event belongs on, when it was read from one that differs."""
     raw: bytes = b""
-    """The message, kept only while its signature is deferred (never sent between
-    processes: :mod:`audit.pipeline` puts it back)."""
+    """The message, kept only while its signature is deferred (a worker that was handed the
+    message leaves it out of its answer and :mod:`audit.pipeline` puts it back; one that
+    read the message itself sends it)."""
 
 
 def is_anchor(sequence: int, type_: str) -> bool:

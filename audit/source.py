@@ -100,10 +100,12 @@ class StreamState(msgspec.Struct, frozen=True, kw_only=True):
 class Broker:
     """One NATS connection used for reading; translate every failure into ``audit.errors``."""
 
-    def __init__(self, nc: Client, refused: deque[str], request_timeout_s: float) -> None:
+    def __init__(self, nc: Client, refused: deque[str], options: ConnectOptions) -> None:
         self._nc = nc
         self._refused = refused
-        self._timeout = request_timeout_s
+        self._timeout = options.request_timeout_s
+        self.options = options
+        """How this connection was made: worker processes connect the same way."""
 
     @classmethod
     async def connect(cls, options: ConnectOptions) -> Broker:
@@ -133,7 +135,7 @@ class Broker:
             cause = telling_error([exc, *errors])
             reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
             raise SourceError(f"cannot connect to NATS at {options.url}: {reason}") from exc
-        return cls(nc, refused, options.request_timeout_s)
+        return cls(nc, refused, options)
 
     async def close(self) -> None:
         with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
@@ -268,11 +270,12 @@ class Broker:
         *,
         follow: bool = False,
         until_ns: int | None = None,
+        until_seq: int | None = None,
     ) -> AsyncGenerator[Received, None]:
         """Messages on ``subject_filter`` in stream order, from ``start``; without
         ``follow``, up to the last one stored when the read caught up, and not past
-        ``until_ns`` (stored time)."""
-        reader = _OrderedReader(self, stream, subject_filter, follow=follow)
+        ``until_ns`` (stored time) or ``until_seq`` (stream sequence)."""
+        reader = _OrderedReader(self, stream, subject_filter, follow=follow, until_seq=until_seq)
         try:
             async for msg in reader.read(start):
                 if until_ns is not None and msg.stored_ns is not None and msg.stored_ns > until_ns:
@@ -295,13 +298,25 @@ class _ApiError(SourceError):
 class _OrderedReader:
     """An ordered pull consumer: an ephemeral, unacknowledged consumer read in batches,
     recreated after the last stream sequence seen if a delivery is ever skipped, so the
-    caller sees each message once, in stream order."""
+    caller sees each message once, in stream order. With ``until_seq`` no request asks for
+    more messages than there are stream sequences left up to it, so a read of a range
+    stops without having pulled the messages after it."""
 
-    def __init__(self, broker: Broker, stream: str, subject_filter: str, *, follow: bool) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        stream: str,
+        subject_filter: str,
+        *,
+        follow: bool,
+        until_seq: int | None = None,
+    ) -> None:
         self._broker = broker
         self._stream = stream
         self._filter = subject_filter
         self._follow = follow
+        self._until_seq = until_seq
+        self._last_sseq = 0
         self._name: str | None = None
         self._inbox = broker.nc.new_inbox()
         self._queue: deque[Msg] = deque()
@@ -340,12 +355,15 @@ class _OrderedReader:
         self._name = str(reply.get("name") or name)
 
     async def _pull(self) -> None:
-        request: dict[str, Any] = {"batch": _FETCH}
+        batch = _FETCH
+        if self._until_seq is not None:
+            batch = max(1, min(batch, self._until_seq - self._last_sseq))
+        request: dict[str, Any] = {"batch": batch}
         if self._follow:
             request.update(expires=5 * _NS, idle_heartbeat=2 * _NS)
         else:
             request.update(no_wait=True)
-        self._outstanding = _FETCH
+        self._outstanding = batch
         self._request_over = False
         subject = f"{_API}.CONSUMER.MSG.NEXT.{self._stream}.{self._name}"
         try:
@@ -365,8 +383,10 @@ class _OrderedReader:
         except nats.errors.Error as exc:
             raise SourceError(f"cannot subscribe to {self._inbox}: {exc!r}") from exc
         await self._create(start)
+        if start.sequence is not None:
+            self._last_sseq = start.sequence - 1
         await self._pull()
-        last_sseq, last_dseq = 0, 0
+        last_dseq = 0
         while True:
             if not self._queue:
                 await self._wait()
@@ -384,17 +404,19 @@ class _OrderedReader:
             if consumer != self._name:
                 continue  # still in flight from a consumer replaced by _restart
             if dseq != last_dseq + 1:
-                await self._restart(Start(sequence=last_sseq + 1))
+                await self._restart(Start(sequence=self._last_sseq + 1))
                 last_dseq = 0
                 continue
-            last_sseq, last_dseq = sseq, dseq
+            if self._until_seq is not None and sseq > self._until_seq:
+                return
+            self._last_sseq, last_dseq = sseq, dseq
             yield Received(
                 raw=structured_bytes(msg.data, msg.headers),
                 subject=msg.subject,
                 stream_seq=sseq,
                 stored_ns=stored_ns,
             )
-            if pending == 0 and not self._follow:
+            if (pending == 0 and not self._follow) or sseq == self._until_seq:
                 return
             if self._request_over and len(self._queue) < _FETCH:
                 await self._pull()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from audit.consumer import Scope, follow, replay
+from audit.consumer import Scope, follow, read_ranges, replay
+from audit.errors import AccessDeniedError, ExportFormatError, NotFoundError, SourceError
 from audit.events import Received
+from audit.pipeline import ReadRange
 from audit.source import Broker, ConnectOptions
 from producer.guest.simulator import run_guest
 from producer.ops.embedded import EmbeddedNats
@@ -187,3 +191,41 @@ async def _run(*args: object) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (args, out, err)
     return (out + err).decode()
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "messages", "chunk"),
+    [(1, 100, 100, 7), (5, 5, 1, 4096), (1, 1000, 10, 3), (40, 60, 21, 21), (1, 9, 9, 100)],
+)
+def test_read_ranges_cover_the_stream_once_in_order_then_stay_open(
+    first: int, last: int, messages: int, chunk: int
+) -> None:
+    spans = list(read_ranges(first, last, messages, chunk))
+    assert spans[0].first == first and spans[-1] == ReadRange(last + 1, None)
+    for before, after in itertools.pairwise(spans):
+        assert before.last is not None and after.first == before.last + 1
+    per_range = max(1, (last - first + 1) * chunk // messages)
+    assert all(s.last is not None and s.last - s.first + 1 <= per_range for s in spans[:-1])
+    assert len(spans) - 1 == -(-(last - first + 1) // per_range)
+
+
+def test_an_empty_stream_is_one_open_range() -> None:
+    assert list(read_ranges(0, 0, 0, 4096)) == [ReadRange(1, None)]
+    assert list(read_ranges(12, 11, 0, 4096)) == [ReadRange(12, None)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AccessDeniedError("cellos.telemetry.cell-2.>", "read cellos.telemetry.cell-2.>"),
+        NotFoundError("stream", "NOPE"),
+        SourceError("the server stopped answering"),
+        ExportFormatError("x.jsonl", 3, "not JSON"),
+    ],
+)
+def test_errors_cross_from_a_worker_process_with_their_type_and_fields(
+    error: SourceError,
+) -> None:
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error)

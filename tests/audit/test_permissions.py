@@ -175,6 +175,9 @@ async def test_a_per_cell_auditor_reads_its_cell_and_is_refused_others(
             for other in (Scope(cell="cell-2"), Scope()):
                 with pytest.raises(AccessDeniedError, match="not permitted"):
                     await verify_stream(broker, other, trust, workers=0)
+            # worker processes read ranges over their own connections, as the same user
+            ranged = await verify_stream(broker, Scope(cell="cell-1"), trust, workers=2)
+            assert ranged.reports == mine.reports
 
         trust_file = tmp_path / "trust.json"
         merge_trust(trust_file, signer.kid, signer.public_raw)

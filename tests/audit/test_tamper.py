@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from nats.js.api import KeyValueConfig
 
-from audit.consumer import Scope, export, verify_file, verify_stream
+from audit.consumer import READ_CHUNK, Scope, export, verify_file, verify_stream
 from audit.message import STRUCTURED_CONTENT_TYPE, binary_headers, binary_payload
 from audit.source import Broker, ConnectOptions
 from audit.verify import ChainReport, Verdict
@@ -115,9 +115,17 @@ async def _publish(url: str, altered: Export, *, binary: bool = False, **limits:
                 await js.publish(m.where["subject"], m.raw, headers=headers)
 
 
-async def _online(url: str, trust: dict[str, bytes], scope: Scope = Scope()) -> list[ChainReport]:  # noqa: B008
+async def _online(
+    url: str,
+    trust: dict[str, bytes],
+    scope: Scope = Scope(),  # noqa: B008
+    *,
+    workers: int = 0,
+    read_chunk: int = READ_CHUNK,
+) -> list[ChainReport]:
     async with await Broker.connect(ConnectOptions(url=url)) as broker:
-        return (await verify_stream(broker, scope, trust, workers=0)).reports
+        found = await verify_stream(broker, scope, trust, workers=workers, read_chunk=read_chunk)
+        return found.reports
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -127,6 +135,24 @@ async def test_each_fault_is_flagged_online(
     altered, expected = FAULTS[fault](pristine)
     await _publish(nats_server.url, altered)
     _judge(await _online(nats_server.url, pristine.trust), expected)
+
+
+@pytest.mark.parametrize("fault", ["deleted-event", "swapped-events", "spliced", "cut-tail"])
+async def test_worker_processes_reading_ranges_find_what_one_reader_finds(
+    pristine: Pristine, nats_server: EmbeddedNats, fault: str
+) -> None:
+    """Workers that read the stream in ranges of about 7 messages (boundaries inside
+    every chain, and inside the altered stretch) see every message once, in order."""
+    altered, expected = FAULTS[fault](pristine)
+    await _publish(nats_server.url, altered)
+    one = await _online(nats_server.url, pristine.trust)
+    ranged = await _online(nats_server.url, pristine.trust, workers=2, read_chunk=7)
+    assert ranged == one
+    _judge(ranged, expected)
+    # one cell's messages are spread over the stream: a range ends between two of them
+    cell = Scope(cell="cell-1")
+    one = await _online(nats_server.url, pristine.trust, cell)
+    assert await _online(nats_server.url, pristine.trust, cell, workers=2, read_chunk=7) == one
 
 
 async def test_the_pristine_stream_verifies_in_binary_mode_too(
