@@ -26,17 +26,19 @@ import io
 import multiprocessing as mp
 import os
 import pstats
+import random
 import resource
 import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing.synchronize import Event as MpEvent
@@ -44,6 +46,7 @@ from typing import Any
 
 import nats
 
+from probes.scheduler import ProbeScheduler
 from producer.chain.events import STRUCTURED_CONTENT_TYPE, ChainContext, Rfc3339Clock, guest_event
 from producer.chain.sealer import ChainSealer
 from producer.chain.signing import Signer, generate_key_file
@@ -355,6 +358,49 @@ def bench_config(
     )
 
 
+AB_PATTERN = (False, True, True, False)
+"""Probes off, on, on, off: a block whose ratio a steady drift of the rate cancels out of."""
+
+
+async def alternate_probes(
+    scheduler: ProbeScheduler,
+    guest_acked: Callable[[], int],
+    window_s: float,
+    busy: Callable[[], bool],
+) -> list[float]:
+    """Toggle probing every ``window_s`` while ``busy()`` (the guests still sending), and
+    return each whole block's ratio of the guest-event ack rate with probes on to the rate
+    with them off. The first window (probes off) warms up and is not counted."""
+    ratios: list[float] = []
+    scheduler.pause()
+    await asyncio.sleep(window_s)
+    while True:
+        rates = {False: 0.0, True: 0.0}
+        for on in AB_PATTERN:
+            (scheduler.resume if on else scheduler.pause)()
+            t0, n0 = time.monotonic(), guest_acked()
+            await asyncio.sleep(window_s)
+            if not busy():
+                scheduler.resume()
+                return ratios  # a block cut short by the end of the load is not counted
+            rates[on] += (guest_acked() - n0) / (time.monotonic() - t0)
+        ratios.append(rates[True] / rates[False])
+
+
+def summarize_ab(ratios: list[float], rng: random.Random) -> str:
+    """Mean block ratio with a 95 % bootstrap interval (blocks resampled)."""
+    if len(ratios) < 2:
+        return f"probe A/B: {len(ratios)} block(s), too few to judge"
+    means = sorted(statistics.fmean(rng.choices(ratios, k=len(ratios))) for _ in range(10_000))
+    low, high = means[249], means[9_749]
+    listed = " ".join(f"{r:.3f}" for r in ratios)
+    return (
+        f"probe A/B: {len(ratios)} blocks, rate with probes / without = "
+        f"{statistics.fmean(ratios):.3f} (95% CI {low:.3f}-{high:.3f}, median "
+        f"{statistics.median(ratios):.3f}); blocks: {listed}"
+    )
+
+
 async def run_producer(
     *,
     mode: str,
@@ -415,6 +461,21 @@ async def run_producer(
                 profiler.enable()
             WATCHDOG.max_lag = 0.0
             guests.go.set()
+            ab: asyncio.Task[list[float]] | None = None
+            if probes and args.probe_ab and producer.probes is not None:
+                scheduler = producer.probes
+
+                def guest_acked() -> int:
+                    readings = sum(st.readings for st in scheduler.stats().values())
+                    return publisher.stats.acked - readings
+
+                def busy() -> bool:
+                    read = sum(c.counters.accepted for c in cells)
+                    return bool(read < 0.95 * total)
+
+                ab = asyncio.create_task(
+                    alternate_probes(scheduler, guest_acked, args.probe_ab, busy)
+                )
             deadline = time.monotonic() + args.timeout
             WATCHDOG.deadline = deadline + 30
             complete = True
@@ -459,6 +520,8 @@ async def run_producer(
             if probes and producer.probes is not None:
                 readings = sum(st.readings for st in producer.probes.stats().values())
                 result.notes.append(f"probe readings published: {readings}")
+            if ab is not None:
+                result.notes.append(summarize_ab(await ab, random.Random(0)))
             if publisher.stats.retries or publisher.stats.timeouts:
                 result.notes.append(
                     f"retries={publisher.stats.retries} timeouts={publisher.stats.timeouts}"
@@ -623,7 +686,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="probe tick with --probes (default: the daemon's default, %(default)s s)",
     )
+    p.add_argument(
+        "--probe-ab",
+        type=float,
+        metavar="S",
+        help="instead of a run without and one with probes, one run with probes that "
+        "pauses and resumes them every S seconds (off, on, on, off, ...) and compares the "
+        "guest-event ack rates of those windows; give --events enough for a few minutes",
+    )
     args = p.parse_args(argv)
+    if args.probe_ab is not None:
+        args.probes = True
+        if args.probe_ab <= 0:
+            p.error("--probe-ab must be positive")
     if args.quick:
         args.cells, args.events = min(args.cells, 4), min(args.events, 20_000)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -680,7 +755,7 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"raw publish_async: {baseline.rate:,.0f} events/s", flush=True)
         results = []
         for mode in args.modes:
-            for probes in (False, True) if args.probes else (False,):
+            for probes in (False, True) if args.probes and not args.probe_ab else (args.probes,):
                 r = await run_producer(
                     mode=mode,
                     args=args,

@@ -22,6 +22,11 @@ phase, so a probe that is slow or hangs holds up nothing but itself.
   failure after success, ``probe_recovered`` on the first success after failures.
   Nothing a probe does stops the scheduler or the cell.
 
+- **Pause.** While paused (:meth:`ProbeScheduler.pause`), a tick that comes due reads
+  nothing and counts as ``missed``; readings in progress finish. For a maintenance window,
+  or to measure what probing costs by toggling it under load (``bench/e2e.py
+  --probe-ab``).
+
 Clock and sleep are injected so tests drive ticks and timeouts without waiting.
 """
 
@@ -157,6 +162,7 @@ class ProbeScheduler:
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._started = False
         self._closed = False
+        self._paused = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +206,13 @@ class ProbeScheduler:
         for cell_id in list(self._cells):
             await self.remove_cell(cell_id)
 
+    def pause(self) -> None:
+        """Take no reading until :meth:`resume`; the ticks keep their phases."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
     def stats(self) -> dict[tuple[str, ProbeName], ProbeStats]:
         """A copy of every (cell, probe)'s counters, for periodic stats logging."""
         return {
@@ -230,6 +243,9 @@ class ProbeScheduler:
             tick = max(ahead, tick + 1)
 
     async def _take(self, ctx: ProbeContext, probe: Probe, stats: ProbeStats) -> None:
+        if self._paused:
+            stats.missed += 1
+            return
         async with self._slots:
             started = self._clock()
             try:

@@ -277,6 +277,24 @@ async def test_waiting_for_a_slot_past_a_tick_counts_missed_ticks(
     assert scheduler.stats()[("c", "cgroup")].missed == 1
 
 
+async def test_ticks_while_paused_read_nothing_and_count_as_missed(
+    vt: VirtualTime, make: object
+) -> None:
+    dispatch = Dispatched()
+    scheduler = make(dispatch, rng=FixedPhases(1.0))  # type: ignore[operator]
+    probe = FakeProbe()
+    scheduler.add_cell("cell-1", [probe])
+    scheduler.start()
+    await vt.advance(2.0)
+    scheduler.pause()
+    await vt.advance(20.0)  # the ticks at 11 and 21
+    assert (probe.reads, scheduler.stats()[("cell-1", "cgroup")].missed) == (1, 2)
+    scheduler.resume()
+    await vt.advance(10.0)  # 31, on the same phase
+    assert probe.reads == 2 and len(dispatch.readings) == 2
+    assert scheduler.stats()[("cell-1", "cgroup")].missed == 2
+
+
 # --------------------------------------------------------------------------- outcomes
 
 
