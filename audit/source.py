@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import re
 import secrets
 import ssl
 from collections import deque
@@ -120,8 +121,9 @@ class Broker:
                 errors.append(exc)
 
         kwargs = connect_kwargs(options.auth)
+        nc = _Client()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 [server.strip() for server in options.url.split(",")],  # a cluster's seeds
                 connect_timeout=max(1, round(options.connect_timeout_s)),
                 allow_reconnect=False,
@@ -287,6 +289,32 @@ class Broker:
     @property
     def nc(self) -> Client:
         return self._nc
+
+
+class _Client(Client):
+    """nats-py's client with a cheaper message-header parser, the hot spot of reading a
+    stream: nats-py 2.16 checks each header name for whitespace with a generator over its
+    characters, a quarter of what reading a message costs; one regex search gives the same
+    answer. The result is the same as nats-py's for any header block (a property test holds
+    the two together, and fails if nats-py stops calling the method)."""
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if _SPACE.search(key) is None:
+                out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
+_SPACE: Final = re.compile(r"\s")
 
 
 class _ApiError(SourceError):
