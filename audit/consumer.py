@@ -25,7 +25,7 @@ from audit.verify import ChainReport, StreamVerifier
 
 PARALLEL_FROM: Final = 20_000
 """Below this many messages starting worker processes costs more than it saves."""
-READ_CHUNK: Final = 4096
+READ_CHUNK: Final = 2048
 """Messages a worker reads per consumer: creating and deleting one costs about as much
 as reading a few dozen messages, and the workers hold at most ``2 x workers + 1`` chunks."""
 
