@@ -5,8 +5,9 @@ A private nats-server gets a stream of ``--events`` guest events over ``--cells`
 sealed and signed (every event) by the production sealer, plus each chain's recorded head.
 Then ``cellos-audit verify`` runs as a child process once per mode, against the same
 stream: in one process checking every signature directly (the baseline), in one process
-with the default anchored checks, with worker processes (one per CPU) both ways, and
-``--jsonl`` on an export of the stream. Each row gives events per
+with the default anchored checks, with worker processes (one per CPU; online they also
+read the stream, each a range of it over its own connection) both ways, and ``--jsonl``
+on an export of the stream. Each row gives events per
 second (wall clock of the whole command, start-up included), the ratio to the baseline
 measured in the same run, and the peak resident memory of the command and its worker
 processes together (sampled from /proc). A benchmark: it never fails on its figures, only
