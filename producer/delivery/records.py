@@ -159,7 +159,7 @@ def is_cut_short(buf: bytes | memoryview, pos: int) -> bool:
     by a read that ends too early, or by a crash in the middle of a write."""
     rest = len(buf) - pos
     if rest < HEADER.size:
-        return bytes(buf[pos : pos + 2]) == _MAGIC_BYTES[:rest] or rest < 2
+        return bytes(buf[pos : pos + 2]) == _MAGIC_BYTES[:rest]
     magic, kind, _, length, _ = HEADER.unpack_from(buf, pos)
     return (
         magic == MAGIC

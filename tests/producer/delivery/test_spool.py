@@ -314,10 +314,13 @@ async def test_a_write_cut_short_by_a_crash_is_cut_off_without_declaring_a_loss(
     await again.close(clean=True)
 
 
-@pytest.mark.parametrize("where", ["end of an older segment", "garbage at the end"])
+@pytest.mark.parametrize(
+    "where", ["end of an older segment", "garbage at the end", "one stray byte at the end"]
+)
 async def test_damage_that_no_crash_explains_is_quarantined_and_declared(
     tmp_path: Path, where: str
 ) -> None:
+    # A single byte that is not the first byte of a record is no write a crash cut short.
     small = {"segment_bytes": 400} if where == "end of an older segment" else {}
     spool = Spool(opts(tmp_path, **small))
     spool.open()
@@ -326,9 +329,9 @@ async def test_damage_that_no_crash_explains_is_quarantined_and_declared(
     spool.flush()
     segments = sorted((tmp_path / "spool").glob("seg-*.log"))
     crash(spool)
-    if where == "garbage at the end":
+    if where != "end of an older segment":
         target = segments[-1]
-        add_bytes(target, b"\x00" * 40)
+        add_bytes(target, b"\x00" * (1 if where == "one stray byte at the end" else 40))
     else:
         assert len(segments) > 1
         target = segments[0]
