@@ -136,8 +136,14 @@ class ChainBuilder:
         }
         return self._add(CHAIN_TYPE + "checkpoint", head, sign=sign)
 
-    def gap(self, lost: int = 3, *, sign: bool = True) -> bytes:
+    def gap(
+        self, lost: int = 3, *, sign: bool = True, sequences: tuple[Any, Any] | None = None
+    ) -> bytes:
+        """``sequences``: the first and last lost sequence, as a damaged spool's gap names
+        them (written as given, so a test can spell them wrongly)."""
         fields = {"reason": "queue_full", "lostCount": lost, "firstLostAt": AT, "lastLostAt": AT}
+        if sequences is not None:
+            fields["firstLostSequence"], fields["lastLostSequence"] = sequences
         return self._add(CHAIN_TYPE + "gap", fields, sign=sign)
 
     def sealed(self, *, sign: bool = True) -> bytes:
