@@ -218,6 +218,78 @@ def test_an_empty_chain_is_tampering() -> None:
     assert report.verdict == Verdict.TAMPERED
 
 
+def _open_chain(events: int = 5) -> ChainBuilder:
+    """opened, then ``events`` unsigned guest events (seq 2 on)."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for pid in range(events):
+        b.guest(pid, sign=False)
+    return b
+
+
+def _at(b: ChainBuilder, sequence: int) -> tuple[int, str]:
+    return sequence, digest_of(b.payloads[sequence - 1])
+
+
+def test_a_tail_cut_before_the_recorded_head_is_truncation() -> None:
+    b = _open_chain()
+    report = verify_chain(b.payloads[:2], TRUST, head=_at(b, 4))
+    assert (report.verdict, report.head_sequence, report.last_sequence) == (
+        Verdict.TRUNCATED,
+        4,
+        2,
+    )
+    _exact(
+        report,
+        (
+            3,
+            Reason.TRUNCATED,
+            "recorded head is seq 4 but the stream ends at seq 2: the tail was cut",
+        ),
+    )
+
+
+def test_a_cut_tail_with_another_problem_is_tampering() -> None:
+    b = _open_chain()
+    report = verify_chain([*b.payloads[:2], b"junk"], TRUST, head=_at(b, 4))
+    assert report.verdict == Verdict.TAMPERED
+    assert report.problem_counts == {"malformed": 1, "truncated": 1}
+
+
+def test_a_recorded_head_lost_in_a_hole_is_a_mismatch() -> None:
+    b = _open_chain()
+    _exact(
+        verify_chain([*b.payloads[:3], *b.payloads[4:]], TRUST, head=_at(b, 4)),
+        (4, Reason.SEQUENCE_JUMP, "seq 4 missing (an undeclared hole)"),
+        (4, Reason.HEAD_MISMATCH, "seq 4: the recorded chain head is not in the stream"),
+    )
+
+
+def test_a_chain_reaching_its_recorded_head_is_intact_and_open() -> None:
+    b = _open_chain()
+    report = verify_chain(b.payloads, TRUST, head=_at(b, 4))
+    assert (report.verdict, report.head_sequence, report.ok) == (Verdict.INTACT_OPEN, 4, True)
+
+
+def test_a_head_trimmed_away_with_the_start_of_its_chain_is_no_mismatch() -> None:
+    b = _open_chain()
+    heads = _head(b, 2)
+    (report,) = verify_stream_of(b.payloads[3:], TRUST, heads=heads, trimmed=True)
+    assert report.ok and report.verdict == Verdict.INTACT_OPEN, report.problems
+    assert (report.retained_from, report.first_sequence, report.events) == (4, 4, 3)
+    assert report.unsigned_tail == 3  # only what is retained
+
+
+def test_a_report_spans_its_first_and_last_event_and_counts_redeliveries() -> None:
+    later = "2024-05-01T12:00:09.000000Z"
+    b = _open_chain(1)
+    last = _resigned(b.guest(9), lambda e: e.update(time=later))
+    report = verify_chain([*b.payloads[:2], b.payloads[1], b.payloads[1], last], TRUST)
+    assert report.ok, report.problems
+    assert (report.first_time, report.last_time) == (AT, later)
+    assert (report.duplicates, report.duplicates_total, report.events) == ([2, 2], 2, 3)
+
+
 # -- the streaming verifier -------------------------------------------------------------
 
 
