@@ -52,6 +52,7 @@ def _successor_of(old: ChainBuilder, signer: Signer, *, announce: Signer | None 
         lambda old: _resigned(
             _successor_of(old, SIGNER), lambda e: e["data"].update(publicKey="not-a-key")
         ),
+        lambda old: _resigned(_successor_of(old, SIGNER), lambda e: e["data"].update(publicKey=5)),
         lambda old: _successor_of(old, STRANGER),
         lambda old: _resigned(
             _successor_of(old, SIGNER),
@@ -59,7 +60,13 @@ def _successor_of(old: ChainBuilder, signer: Signer, *, announce: Signer | None 
         ),
         lambda old: _successor_of(old, SIGNER, announce=OTHER),
     ],
-    ids=["no-public-key", "untrusted-key", "not-the-trusted-key", "signed-by-another-key"],
+    ids=[
+        "no-public-key",
+        "public-key-not-text",
+        "untrusted-key",
+        "not-the-trusted-key",
+        "signed-by-another-key",
+    ],
 )
 def test_an_opened_with_a_bad_key_cannot_supersede_another_chain(
     forge: Callable[[ChainBuilder], bytes],
