@@ -400,6 +400,23 @@ def test_gaps_and_restarts_are_listed_up_to_the_cap() -> None:
     assert report.gaps[-1].sequence == report.restarts[-1].sequence - 1 == 2 * LISTED
 
 
+def test_declared_losses_are_kept_up_to_the_cap_and_later_holes_count() -> None:
+    """Memory stays bounded against a producer declaring without end; past the cap a
+    hole is reported, never excused unseen."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for _ in range(LISTED):
+        b.gap(sequences=("00000000000000000001", "00000000000000000001"))
+    b.guest(sign=False)
+    lost = len(b.payloads) + 1
+    b.guest(sign=False)
+    b.gap(sequences=(format_sequence(lost), format_sequence(lost)))
+    _exact(
+        verify_chain(b.payloads[: lost - 1] + b.payloads[lost:], TRUST),
+        (lost, Reason.SEQUENCE_JUMP, f"seq {lost} missing (an undeclared hole)"),
+    )
+
+
 def test_reports_come_in_cell_then_run_order() -> None:
     order = [("c2", "r1"), ("c1", "r2"), ("c1", "r1")]  # all at the same time
     chains = [full_chain(SIGNER, cell, run) for cell, run in order]
