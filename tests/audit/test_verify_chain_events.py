@@ -13,6 +13,7 @@ from audit.digest import digest_of, format_sequence
 from audit.prepare import prepare
 from audit.verify import (
     LISTED,
+    Gap,
     Reason,
     Restart,
     StreamVerifier,
@@ -37,13 +38,17 @@ def _successor_of(old: ChainBuilder, signer: Signer, *, announce: Signer | None 
     """An opened, signed by ``signer``, that claims to supersede ``old``."""
     new = ChainBuilder(signer, run="run-2")
     new.chain_id = "f" * 16
-    replaced = {
+    return new.opened(announce=announce, supersedes=_replacing(old))
+
+
+def _replacing(old: ChainBuilder) -> dict[str, Any]:
+    """What an opened's ``supersedes`` says of ``old``."""
+    return {
         "chainId": old.chain_id,
         "lastKnownSequence": format_sequence(old.sealer.sequence),
         "lastKnownDigest": old.sealer.head_hash,
         "reason": "state_lost",
     }
-    return new.opened(announce=announce, supersedes=replaced)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +84,18 @@ def test_an_opened_with_a_bad_key_cannot_supersede_another_chain(
     assert reports["f" * 16].supersedes is None and not reports["f" * 16].ok
     assert reports[old.chain_id].verdict == Verdict.UNANCHORED
     assert reports[old.chain_id].superseded_by is None
+
+
+def test_a_second_opened_cannot_supersede_another_chain() -> None:
+    old = ChainBuilder(SIGNER)
+    old.opened()
+    b = ChainBuilder(SIGNER, run="run-2")
+    b.opened()
+    b.opened(supersedes=_replacing(old))
+    reports = {r.chain_id: r for r in verify_stream_of([*old.payloads, *b.payloads], TRUST)}
+    _exact(reports[b.chain_id], (2, Reason.RESTARTED, "seq 2: a second opened event"))
+    assert reports[b.chain_id].supersedes is None
+    assert reports[old.chain_id].verdict == Verdict.UNANCHORED
 
 
 @pytest.mark.parametrize("sequence", [2, "2x", "\uff12" * 20, None])
@@ -451,10 +468,13 @@ def test_problems_naming_no_sequence_come_first() -> None:
     )
 
 
-def test_a_gap_keeps_only_a_whole_lost_count() -> None:
+def test_a_gap_is_listed_with_what_it_says_and_keeps_only_a_whole_lost_count() -> None:
+    later = "2024-05-01T12:00:09.000000Z"
     b = ChainBuilder(SIGNER)
     b.opened()
-    odd = _resigned(b.gap(), lambda e: e["data"].update(lostCount="3"))
+    odd = _resigned(b.gap(), lambda e: e["data"].update(lostCount="3", lastLostAt=later))
     report = verify_chain([b.payloads[0], odd], TRUST)
     assert report.ok, report.problems
-    assert [(g.sequence, g.reason, g.lost_count) for g in report.gaps] == [(2, "queue_full", None)]
+    assert report.gaps == [
+        Gap(sequence=2, reason="queue_full", lost_count=None, first_lost_at=AT, last_lost_at=later)
+    ]
