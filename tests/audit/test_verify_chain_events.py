@@ -171,6 +171,18 @@ def test_checkpoint_whose_head_hash_is_not_the_digest_before_it(head_hash: objec
     )
 
 
+# -- sealed -----------------------------------------------------------------------------
+
+
+def test_sealed_naming_another_final_sequence_is_filed_at_its_own() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    forged = _resigned(b.sealed(), lambda e: e["data"].update(finalSequence=format_sequence(1)))
+    report = verify_chain([b.payloads[0], forged], TRUST)
+    _exact(report, (2, Reason.BAD_SEAL, "seq 2: sealed's finalSequence is not its own sequence"))
+    assert report.sealed
+
+
 # -- a damaged spool's gap declares the sequences it lost --------------------------------
 
 
