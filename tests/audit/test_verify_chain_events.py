@@ -251,7 +251,7 @@ def test_only_a_validly_signed_gap_declares_a_loss() -> None:
 def test_an_empty_chain_is_tampering() -> None:
     report = verify_chain([], TRUST)
     _exact(report, (None, Reason.MISSING_OPENED, "chain has no events"))
-    assert report.verdict == Verdict.TAMPERED
+    assert (report.verdict, report.events, report.unsigned_tail) == (Verdict.TAMPERED, 0, 0)
 
 
 def _open_chain(events: int = 5) -> ChainBuilder:
