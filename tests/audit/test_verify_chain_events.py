@@ -1,6 +1,6 @@
-"""The chain events (resumed, checkpoint, a damaged spool's gap), the end of a chain and
-the streaming verifier, asserted exactly: every problem's sequence and reason, and the
-report fields the CLI prints."""
+"""The chain events (opened, resumed, checkpoint, sealed, a damaged spool's gap), the end of a
+chain and the streaming verifier, asserted exactly: every problem's sequence and reason,
+and the report fields the CLI prints."""
 
 from __future__ import annotations
 
