@@ -201,26 +201,30 @@ class ChainReport(msgspec.Struct, kw_only=True):
 
 class _DigestRing:
     """The digests of a chain's last :data:`DIGEST_WINDOW` events, 40 bytes each (a dict
-    of strings would take about four times that), grown only as the chain does."""
+    of strings would take about four times that), grown only as the chain does.
 
-    __slots__ = ("_digests", "_sequences")
+    A slot holds the digest of one sequence and which turn of the ring it came from
+    (``(sequence - 1) // DIGEST_WINDOW + 1``), which fits the array's 64 bits for any
+    20-digit sequence a message can carry, where the sequence itself may not."""
+
+    __slots__ = ("_digests", "_turns")
 
     def __init__(self) -> None:
         self._digests = bytearray()
-        self._sequences = array("q")
+        self._turns = array("q")
 
     def put(self, sequence: int, digest: str) -> None:
-        slot = (sequence - 1) % DIGEST_WINDOW
-        missing = slot + 1 - len(self._sequences)
-        if missing > 0:  # sequence 0 marks a slot never filled
-            self._sequences.extend([0] * missing)
+        turn, slot = divmod(sequence - 1, DIGEST_WINDOW)
+        missing = slot + 1 - len(self._turns)
+        if missing > 0:  # turn 0 marks a slot never filled
+            self._turns.extend([0] * missing)
             self._digests += bytes(32 * missing)
-        self._sequences[slot] = sequence
+        self._turns[slot] = turn + 1
         self._digests[32 * slot : 32 * slot + 32] = bytes.fromhex(digest[len(DIGEST_PREFIX) :])
 
     def get(self, sequence: int) -> str | None:
-        slot = (sequence - 1) % DIGEST_WINDOW
-        if slot >= len(self._sequences) or self._sequences[slot] != sequence:
+        turn, slot = divmod(sequence - 1, DIGEST_WINDOW)
+        if slot >= len(self._turns) or self._turns[slot] != turn + 1:
             return None
         return DIGEST_PREFIX + self._digests[32 * slot : 32 * slot + 32].hex()
 
@@ -300,8 +304,7 @@ class ChainState:
             self._skip_hole()
         for first, last in self._holes:
             if not any(lo <= first and last <= hi for lo, hi in self._declared):
-                span = str(first) if first == last else f"{first}-{last}"
-                self._say(first, Reason.SEQUENCE_JUMP, f"seq {span} missing (an undeclared hole)")
+                self._hole(first, last)
         if self._deferred and not self._check_newest_deferred():
             self._check_deferred()
         return self._report()
@@ -321,10 +324,13 @@ class ChainState:
         elif len(self._holes) < LISTED:
             self._holes.append((expected, first - 1))
         else:
-            span = f"{expected}-{first - 1}"
-            self._say(expected, Reason.SEQUENCE_JUMP, f"seq {span} missing (an undeclared hole)")
+            self._hole(expected, first - 1)
         self._check(self._pending.pop(first), None)
         self._drain()
+
+    def _hole(self, first: int, last: int) -> None:
+        span = str(first) if first == last else f"{first}-{last}"
+        self._say(first, Reason.SEQUENCE_JUMP, f"seq {span} missing (an undeclared hole)")
 
     def malformed(self, event: Prepared, error: str | None = None) -> None:
         """A message that is not an event of any chain; it still counts as a problem."""

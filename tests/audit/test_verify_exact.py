@@ -11,10 +11,16 @@ from typing import Any
 import msgspec
 
 from audit.canonical import canonical
+from audit.prepare import prepare
 from audit.verify import (
+    DIGEST_WINDOW,
+    LISTED,
+    REORDER_WINDOW,
+    SHOWN_PROBLEMS,
     ChainReport,
     Problem,
     Reason,
+    StreamVerifier,
     Supersedes,
     Verdict,
     verify_chain,
@@ -215,3 +221,97 @@ def test_a_superseding_chain_names_what_it_replaces_and_the_old_one_says_so() ->
     )
     assert reports[old.chain_id].verdict == Verdict.SUPERSEDED
     assert reports[old.chain_id].superseded_by == new.chain_id
+
+
+# -- the bounded windows, at their bounds ------------------------------------------------
+
+OUT_OF_PLACE = (
+    "arrived out of place, after the chain had moved on (too far to compare or to check its links)"
+)
+
+
+def _unsigned_chain(events: int) -> list[bytes]:
+    """opened, then unsigned guest events up to seq ``events`` (cheap to build and check)."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for pid in range(events - 1):
+        b.guest(pid, sign=False)
+    return b.payloads
+
+
+def test_an_event_held_back_by_the_whole_reorder_window_still_fits() -> None:
+    chain = _unsigned_chain(REORDER_WINDOW + 2)
+    late = [*chain[1 : REORDER_WINDOW + 1], chain[0], *chain[REORDER_WINDOW + 1 :]]
+    report = _report(late)
+    assert report.ok, report.problems
+    assert report.events == REORDER_WINDOW + 2
+
+
+def test_an_event_held_back_by_more_than_the_reorder_window_is_out_of_place() -> None:
+    chain = _unsigned_chain(REORDER_WINDOW + 2)
+    report = _report([*chain[1:], chain[0]])
+    _exact(
+        report,
+        (1, Reason.MISSING_OPENED, "chain does not start with an opened event at seq 1"),
+        (1, Reason.SEQUENCE_JUMP, f"seq 1: {OUT_OF_PLACE}"),
+        (1, Reason.SEQUENCE_JUMP, "seq 1 missing (an undeclared hole)"),
+    )
+    assert (report.first_sequence, report.events) == (2, REORDER_WINDOW + 1)
+
+
+def test_redeliveries_are_compared_back_to_the_oldest_digest_kept() -> None:
+    """Once the digest ring has wrapped, the slots not yet refilled still answer."""
+    chain = _unsigned_chain(DIGEST_WINDOW + 200)
+    oldest = 201  # the last DIGEST_WINDOW sequences are 201 .. DIGEST_WINDOW + 200
+    report = _report([*chain, chain[oldest - 1], chain[oldest - 2], chain[-1]])
+    _exact(report, (oldest - 1, Reason.SEQUENCE_JUMP, f"seq {oldest - 1}: {OUT_OF_PLACE}"))
+    assert report.duplicates == [oldest, DIGEST_WINDOW + 200]
+
+
+def test_a_sequence_beyond_63_bits_is_checked_like_any_other() -> None:
+    top = 2**64 - 1  # the last sequence a sealer can give
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+
+    def renumber(event: dict[str, Any]) -> None:
+        event.update(sequence=f"{top:020d}", id=f"{b.chain_id}-{top}")
+
+    far = _resigned(b.payloads[1], renumber)
+    report = _report([b.payloads[0], far, far])
+    _exact(report, (2, Reason.SEQUENCE_JUMP, f"seq 2-{top - 1} missing (an undeclared hole)"))
+    assert report.duplicates == [top]
+    assert report.signed == 2
+
+
+def test_identical_redeliveries_are_listed_up_to_the_cap_and_all_counted() -> None:
+    chain = _unsigned_chain(2)
+    report = _report([*chain, *[chain[1]] * (LISTED + 1)])
+    assert report.ok, report.problems
+    assert report.duplicates == [2] * LISTED
+    assert report.duplicates_total == LISTED + 1
+
+
+def test_holes_past_the_list_are_reported_as_soon_as_found() -> None:
+    """Only LISTED holes can wait for a gap that declares them; the rest count at once."""
+    chain = _unsigned_chain(2 * LISTED + 3)
+    holes = LISTED + 1
+    report = _report(chain[::2])  # seq 2, 4, .. 2 * LISTED + 2 missing
+    assert report.problem_counts == {"sequence-jump": holes}
+    assert report.problems_total == holes
+    assert report.first_problem == Problem(
+        sequence=2, reason=Reason.SEQUENCE_JUMP, detail="seq 2 missing (an undeclared hole)"
+    )
+    shown = [f"seq {2 * n} missing (an undeclared hole)" for n in range(1, SHOWN_PROBLEMS)]
+    assert report.problems == [*shown, f"seq {2 * holes} missing (an undeclared hole)"]
+
+
+def test_a_malformed_message_names_the_subject_it_was_read_from() -> None:
+    verifier = StreamVerifier(TRUST)
+    verifier.add(prepare(b"junk", 3, TRUST, subject="cellos.events.cell-7"))
+    (report,) = verifier.finish()
+    _exact(
+        report,
+        (None, Reason.MALFORMED, "message #3 on cellos.events.cell-7: not JSON"),
+        (None, Reason.MISSING_OPENED, "chain has no events"),
+    )
