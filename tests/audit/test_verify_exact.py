@@ -3,6 +3,7 @@ API (``verify_chain`` and its report), so they hold whatever the verifier's insi
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 import msgspec
 
 from audit.canonical import canonical
+from audit.consumer import verify_file
 from audit.prepare import prepare
 from audit.verify import (
     DIGEST_WINDOW,
@@ -25,7 +27,7 @@ from audit.verify import (
     Verdict,
     verify_chain,
 )
-from tests.chains import ChainBuilder, full_chain, new_signer, verify_stream_of
+from tests.chains import AT, ChainBuilder, full_chain, new_signer, verify_stream_of
 
 SIGNER = new_signer()
 TRUST = {SIGNER.kid: SIGNER.public_raw}
@@ -245,6 +247,7 @@ def test_an_event_held_back_by_the_whole_reorder_window_still_fits() -> None:
     report = _report(late)
     assert report.ok, report.problems
     assert report.events == REORDER_WINDOW + 2
+    assert (report.first_sequence, report.first_time) == (1, AT)
 
 
 def test_an_event_held_back_by_more_than_the_reorder_window_is_out_of_place() -> None:
@@ -315,3 +318,72 @@ def test_a_malformed_message_names_the_subject_it_was_read_from() -> None:
         (None, Reason.MALFORMED, "message #3 on cellos.events.cell-7: not JSON"),
         (None, Reason.MISSING_OPENED, "chain has no events"),
     )
+
+
+def test_noncanonical_events_are_listed_up_to_the_cap() -> None:
+    chain = _unsigned_chain(LISTED + 2)
+    respelled = [chain[0], *(msgspec.json.format(p, indent=1) for p in chain[1:])]
+    report = _report(respelled)
+    assert report.ok, report.problems
+    assert report.noncanonical == list(range(2, LISTED + 2))
+
+
+# -- what each event's own fields must say -----------------------------------------------
+
+
+def test_an_event_whose_id_names_another_chain() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    moved = _resigned(b.payloads[1], lambda e: e.update(id="0" * 16 + "-2"))
+    _exact(
+        _report([b.payloads[0], moved]),
+        (2, Reason.MALFORMED, f"seq 2: id is not {b.chain_id}-2"),
+    )
+
+
+def test_an_event_read_from_another_subject_than_its_own() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    verifier = StreamVerifier(TRUST)
+    subject = "cellos.cell-7.chain.opened"
+    verifier.add(prepare(b.payloads[0], 0, TRUST, subject=subject, prefix="cellos"))
+    verifier.add(prepare(b.guest(1), 1, TRUST, subject=subject, prefix="cellos"))
+    (report,) = verifier.finish()
+    _exact(
+        report,
+        (
+            2,
+            Reason.WRONG_SUBJECT,
+            f"seq 2: published on {subject}, not cellos.cell-7.guest.process_spawned",
+        ),
+    )
+
+
+# -- deferred signatures ---------------------------------------------------------------
+
+
+def _anchored(payloads: list[bytes], *, every: bool) -> ChainReport:
+    """One chain through the offline verifier, in this process, anchored or not."""
+    run = verify_file("export", payloads, TRUST, workers=0, every_signature=every)
+    (report,) = asyncio.run(run).reports
+    return report
+
+
+def test_a_bad_signature_the_links_authenticate_is_seen_only_checking_every_one() -> None:
+    """docs/consumers.md: an event its producer signed wrongly keeps authentic bytes, so a
+    later verified signature covers it; only --every-signature reports it."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    b.rotate(new_signer(kid=SIGNER.kid))  # the producer signing with a wrong key
+    b.guest(2)
+    b.rotate(SIGNER)
+    b.guest(3)
+    b.guest(4)
+    anchored = _anchored(b.payloads, every=False)
+    assert anchored.ok, anchored.problems
+    assert anchored.signed == 5
+    every = _anchored(b.payloads, every=True)
+    _exact(every, (3, Reason.BAD_SIGNATURE, "seq 3: signature does not verify"))
+    assert every.signed == 4
