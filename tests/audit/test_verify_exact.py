@@ -13,6 +13,7 @@ import msgspec
 
 from audit.canonical import canonical
 from audit.consumer import verify_file
+from audit.digest import digest_of
 from audit.prepare import prepare
 from audit.verify import (
     DIGEST_WINDOW,
@@ -27,6 +28,7 @@ from audit.verify import (
     Verdict,
     verify_chain,
 )
+from schemas.heads import ChainHead
 from tests.chains import AT, ChainBuilder, full_chain, new_signer, verify_stream_of
 
 SIGNER = new_signer()
@@ -387,3 +389,76 @@ def test_a_bad_signature_the_links_authenticate_is_seen_only_checking_every_one(
     every = _anchored(b.payloads, every=True)
     _exact(every, (3, Reason.BAD_SIGNATURE, "seq 3: signature does not verify"))
     assert every.signed == 4
+
+
+# -- recorded heads and trimmed streams --------------------------------------------------
+
+
+def _head(b: ChainBuilder, sequence: int, *, sealed: bool = False) -> dict[str, ChainHead]:
+    """The recorded head of ``b``'s chain at ``sequence`` (its real digest)."""
+    return {
+        b.chain_id: ChainHead(
+            cell_id=b.cell,
+            run_id=b.run,
+            chain_id=b.chain_id,
+            sequence=sequence,
+            digest=digest_of(b.payloads[sequence - 1]),
+            event_id=f"{b.chain_id}-{sequence}",
+            type="checkpoint",
+            sealed=sealed,
+        )
+    }
+
+
+def test_the_recorded_head_must_be_the_event_at_its_sequence() -> None:
+    b = full_chain(SIGNER)
+    forged = (3, "sha256:" + "0" * 64)
+    _exact(
+        _report(b.payloads, head=forged),
+        (3, Reason.HEAD_MISMATCH, "seq 3: digest differs from the recorded chain head"),
+    )
+    (report,) = verify_stream_of(b.payloads[:2], TRUST, heads=_head(b, 3))
+    _exact(
+        report,
+        (
+            3,
+            Reason.TRUNCATED,
+            "recorded head is seq 3 but the stream ends at seq 2: the tail was cut",
+        ),
+    )
+    assert (report.verdict, report.head_sequence) == (Verdict.TRUNCATED, 3)
+    (reached,) = verify_stream_of(b.payloads[:3], TRUST, heads=_head(b, 3))
+    assert (reached.verdict, reached.ok) == (Verdict.INTACT_OPEN, True)
+
+
+def test_a_chain_trimmed_away_entirely_keeps_the_verdict_of_its_head() -> None:
+    b = full_chain(SIGNER)
+    (sealed,) = verify_stream_of([], TRUST, heads=_head(b, 10, sealed=True), trimmed=True)
+    assert (sealed.verdict, sealed.retained_from, sealed.events) == (Verdict.INTACT_SEALED, 11, 0)
+    (open_,) = verify_stream_of([], TRUST, heads=_head(b, 3), trimmed=True)
+    assert (open_.verdict, open_.retained_from, open_.ok) == (Verdict.INTACT_OPEN, 4, True)
+    (cut,) = verify_stream_of([], TRUST, heads=_head(b, 3))
+    _exact(
+        cut,
+        (
+            1,
+            Reason.TRUNCATED,
+            "recorded head is seq 3 but the stream ends at seq 0: the tail was cut",
+        ),
+    )
+
+
+def test_a_trimmed_stream_still_needs_opened_when_it_holds_seq_1() -> None:
+    b = ChainBuilder(SIGNER)
+    b.guest(1)
+    b.guest(2)
+    (report,) = verify_stream_of(b.payloads, TRUST, trimmed=True)
+    _exact(report, (1, Reason.MISSING_OPENED, "chain does not start with an opened event at seq 1"))
+    assert report.retained_from is None
+
+
+def test_a_trimmed_stream_excuses_only_its_start_not_a_later_hole() -> None:
+    chain = full_chain(SIGNER).payloads
+    (report,) = verify_stream_of([*chain[3:6], *chain[7:]], TRUST, trimmed=True)
+    _exact(report, (7, Reason.SEQUENCE_JUMP, "seq 7 missing (an undeclared hole)"))
+    assert (report.retained_from, report.first_sequence) == (4, 4)
