@@ -16,11 +16,13 @@ from audit.consumer import verify_file
 from audit.digest import digest_of
 from audit.prepare import prepare
 from audit.verify import (
+    DEFERRED_WINDOW,
     DIGEST_WINDOW,
     LISTED,
     REORDER_WINDOW,
     SHOWN_PROBLEMS,
     ChainReport,
+    KeySpan,
     Problem,
     Reason,
     StreamVerifier,
@@ -28,6 +30,7 @@ from audit.verify import (
     Verdict,
     verify_chain,
 )
+from schemas.events import CHAIN_TYPE
 from schemas.heads import ChainHead
 from tests.chains import AT, ChainBuilder, full_chain, new_signer, verify_stream_of
 
@@ -389,6 +392,27 @@ def test_a_bad_signature_the_links_authenticate_is_seen_only_checking_every_one(
     every = _anchored(b.payloads, every=True)
     _exact(every, (3, Reason.BAD_SIGNATURE, "seq 3: signature does not verify"))
     assert every.signed == 4
+    # the key span still counts the event that names the key, valid or not
+    span = KeySpan(kid=SIGNER.kid, first=1, last=5, signed=5)
+    assert anchored.key_spans == every.key_spans == [span]
+
+
+def test_the_newest_of_too_many_deferred_signatures_covers_the_rest() -> None:
+    """With unsigned anchors nothing verifies along the way, so the newest deferred
+    signature is checked once more than DEFERRED_WINDOW wait: at seq 262, not at 261."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    good = SIGNER
+    while b.sealer.sequence < 262:
+        sequence = b.sealer.sequence + 1
+        b.rotate(new_signer(kid=SIGNER.kid) if sequence == 261 else good)
+        b.guest(sequence, sign=sequence % 64 != 0)
+    waiting = 262 - 1 - 262 // 64  # signed (deferred) from seq 2 to 262, but the anchors
+    assert waiting == DEFERRED_WINDOW + 1
+    anchored = _anchored(b.payloads, every=False)
+    assert anchored.ok, anchored.problems
+    every = _anchored(b.payloads, every=True)
+    _exact(every, (261, Reason.BAD_SIGNATURE, "seq 261: signature does not verify"))
 
 
 # -- recorded heads and trimmed streams --------------------------------------------------
@@ -462,3 +486,51 @@ def test_a_trimmed_stream_excuses_only_its_start_not_a_later_hole() -> None:
     (report,) = verify_stream_of([*chain[3:6], *chain[7:]], TRUST, trimmed=True)
     _exact(report, (7, Reason.SEQUENCE_JUMP, "seq 7 missing (an undeclared hole)"))
     assert (report.retained_from, report.first_sequence) == (4, 4)
+
+
+def test_a_gap_declaring_the_hole_before_it_excuses_exactly_that_range() -> None:
+    def chain_with_gap(first: int, last: int) -> list[bytes]:
+        b = ChainBuilder(SIGNER)
+        b.opened()
+        for pid in range(3):
+            b.guest(pid)
+        lost = {"firstLostSequence": f"{first:020d}", "lastLostSequence": f"{last:020d}"}
+        b._add(CHAIN_TYPE + "gap", {"reason": "spool_damaged", **lost}, sign=True)
+        return [*b.payloads[:2], b.payloads[4]]  # seq 3 and 4 lost
+
+    assert _report(chain_with_gap(3, 4)).ok
+    for first, last in ((3, 3), (4, 4)):
+        _exact(
+            _report(chain_with_gap(first, last)),
+            (3, Reason.SEQUENCE_JUMP, "seq 3-4 missing (an undeclared hole)"),
+        )
+
+
+def test_key_spans_are_listed_up_to_the_cap() -> None:
+    other = new_signer()
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    for pid in range(LISTED):
+        b.rotate(other if pid % 2 == 0 else SIGNER)
+        b.guest(pid)
+    report = verify_chain(b.payloads, {**TRUST, other.kid: other.public_raw})
+    assert report.ok, report.problems
+    assert len(report.key_spans) == LISTED
+    assert report.key_spans[-1] == KeySpan(kid=other.kid, first=LISTED, last=LISTED, signed=1)
+    assert report.signed == LISTED + 1
+
+
+def test_without_a_chain_id_given_the_opened_event_names_it() -> None:
+    """verify_chain takes the chain id opened announces, so ids naming another one fail."""
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    renamed = _resigned(b.payloads[0], lambda e: e["data"].update(chainId="0" * 16))
+    report = _report([renamed, b.payloads[1]])
+    assert report.chain_id == "0" * 16
+    _exact(
+        report,
+        (1, Reason.MALFORMED, f"seq 1: id is not {'0' * 16}-1"),
+        (2, Reason.MALFORMED, f"seq 2: id is not {'0' * 16}-2"),
+        (2, Reason.BROKEN_LINK, "seq 2: prevhash is not the digest of seq 1"),
+    )
