@@ -534,3 +534,22 @@ def test_without_a_chain_id_given_the_opened_event_names_it() -> None:
         (2, Reason.MALFORMED, f"seq 2: id is not {'0' * 16}-2"),
         (2, Reason.BROKEN_LINK, "seq 2: prevhash is not the digest of seq 1"),
     )
+
+
+def test_untrusted_and_half_signed_events_are_not_signed() -> None:
+    mallory = new_signer()
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.rotate(mallory)
+    b.guest(1)
+    b.rotate(SIGNER)
+    event = msgspec.json.decode(b.guest(2))
+    del event["signature"]
+    report = _report([*b.payloads[:2], canonical(event)])
+    _exact(
+        report,
+        (2, Reason.UNKNOWN_KEY, f"seq 2: signed with untrusted key {mallory.kid!r}"),
+        (3, Reason.UNSIGNED, "seq 3: signkid and signature must come together"),
+    )
+    assert report.key_spans == [KeySpan(kid=SIGNER.kid, first=1, last=1, signed=1)]
+    assert (report.signed, report.unsigned_tail) == (1, 2)
