@@ -553,3 +553,16 @@ def test_untrusted_and_half_signed_events_are_not_signed() -> None:
     )
     assert report.key_spans == [KeySpan(kid=SIGNER.kid, first=1, last=1, signed=1)]
     assert (report.signed, report.unsigned_tail) == (1, 2)
+
+
+def test_a_late_event_in_a_hole_across_the_ring_wrap_is_out_of_place() -> None:
+    """The hole is given up when the reorder window overflows; the ring has wrapped past
+    it without ever filling the late event's slot."""
+    chain = _unsigned_chain(DIGEST_WINDOW + REORDER_WINDOW + 1)
+    late = REORDER_WINDOW + 2
+    report = _report([*chain[:3], *chain[DIGEST_WINDOW:], chain[late - 1]])
+    _exact(
+        report,
+        (4, Reason.SEQUENCE_JUMP, f"seq 4-{DIGEST_WINDOW} missing (an undeclared hole)"),
+        (late, Reason.SEQUENCE_JUMP, f"seq {late}: {OUT_OF_PLACE}"),
+    )
