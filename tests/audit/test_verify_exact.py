@@ -323,6 +323,7 @@ def test_a_malformed_message_names_the_subject_it_was_read_from() -> None:
         (None, Reason.MALFORMED, "message #3 on cellos.events.cell-7: not JSON"),
         (None, Reason.MISSING_OPENED, "chain has no events"),
     )
+    assert (report.cell_id, report.run_id, report.first_time) == (None, None, None)
 
 
 def test_noncanonical_events_are_listed_up_to_the_cap() -> None:
@@ -397,22 +398,60 @@ def test_a_bad_signature_the_links_authenticate_is_seen_only_checking_every_one(
     assert anchored.key_spans == every.key_spans == [span]
 
 
-def test_the_newest_of_too_many_deferred_signatures_covers_the_rest() -> None:
-    """With unsigned anchors nothing verifies along the way, so the newest deferred
-    signature is checked once more than DEFERRED_WINDOW wait: at seq 262, not at 261."""
+def _many_deferred(bad: int) -> list[bytes]:
+    """Signed guests up to seq 263 whose anchors (multiples of 64) are unsigned, so nothing
+    verifies along the way; ``bad`` is signed by the producer with a wrong key."""
     b = ChainBuilder(SIGNER)
     b.opened()
-    good = SIGNER
-    while b.sealer.sequence < 262:
+    while b.sealer.sequence < 263:
         sequence = b.sealer.sequence + 1
-        b.rotate(new_signer(kid=SIGNER.kid) if sequence == 261 else good)
+        b.rotate(new_signer(kid=SIGNER.kid) if sequence == bad else SIGNER)
         b.guest(sequence, sign=sequence % 64 != 0)
-    waiting = 262 - 1 - 262 // 64  # signed (deferred) from seq 2 to 262, but the anchors
-    assert waiting == DEFERRED_WINDOW + 1
-    anchored = _anchored(b.payloads, every=False)
+    return b.payloads
+
+
+def test_the_newest_of_too_many_deferred_signatures_covers_the_rest() -> None:
+    """The newest is checked once more than DEFERRED_WINDOW wait: at seq 262, not 261."""
+    assert DEFERRED_WINDOW + 1 == 262 - 1 - 262 // 64  # deferred: seq 2 to 262, no anchors
+    payloads = _many_deferred(bad=261)
+    anchored = _anchored(payloads, every=False)
     assert anchored.ok, anchored.problems
-    every = _anchored(b.payloads, every=True)
+    every = _anchored(payloads, every=True)
     _exact(every, (261, Reason.BAD_SIGNATURE, "seq 261: signature does not verify"))
+
+
+def test_when_the_newest_of_too_many_fails_every_waiting_one_is_checked() -> None:
+    payloads = _many_deferred(bad=262)
+    for every in (False, True):
+        report = _anchored(payloads, every=every)
+        _exact(report, (262, Reason.BAD_SIGNATURE, "seq 262: signature does not verify"))
+        assert report.signed == 263 - 1 - 263 // 64
+
+
+def test_a_chain_event_with_an_invalid_signature_is_not_signed() -> None:
+    b = ChainBuilder(SIGNER)
+    b.opened()
+    b.guest(1)
+    b.rotate(new_signer(kid=SIGNER.kid))
+    b.checkpoint()
+    b.rotate(SIGNER)
+    b.guest(2)
+    _exact(
+        _report(b.payloads),
+        (3, Reason.BAD_SIGNATURE, "seq 3: signature does not verify"),
+        (3, Reason.UNSIGNED, "seq 3: checkpoint event is not validly signed"),
+    )
+
+
+def test_a_chain_whose_first_event_is_a_later_chain_event_takes_its_id_from_the_id() -> None:
+    built = full_chain(SIGNER)
+    report = _report(built.payloads[5:])  # from the checkpoint at seq 6
+    assert report.chain_id == built.chain_id
+    _exact(
+        report,
+        (1, Reason.MISSING_OPENED, "chain does not start with an opened event at seq 1"),
+        (1, Reason.SEQUENCE_JUMP, "seq 1-5 missing (an undeclared hole)"),
+    )
 
 
 # -- recorded heads and trimmed streams --------------------------------------------------
