@@ -79,11 +79,14 @@ def test_the_first_event_links_to_nothing() -> None:
 def test_unsigned_opened_is_detected() -> None:
     b = ChainBuilder(SIGNER)
     b.opened(sign=False)
+    b.guest(1, sign=False)
+    report = _report(b.payloads)
     _exact(
-        _report(b.payloads),
+        report,
         (1, Reason.BAD_OPENED, "seq 1: opened is not signed by the key it announces"),
         (1, Reason.UNSIGNED, "seq 1: opened event is not validly signed"),
     )
+    assert (report.signed, report.unsigned_tail) == (0, 2)
 
 
 def test_an_event_too_deep_to_canonicalize_is_reported() -> None:
