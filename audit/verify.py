@@ -837,10 +837,9 @@ _id_decoder: Final = msgspec.json.Decoder(_Id)
 
 def _declared_range(data: dict[str, Any], sequence: int) -> tuple[int, int] | None:
     """The sequences a ``gap`` declares lost from a damaged spool (before its own)."""
-    first, last = data.get("firstLostSequence"), data.get("lastLostSequence")
-    if not (type(first) is str and type(last) is str and first.isdigit() and last.isdigit()):
+    lo, hi = _sequence(data.get("firstLostSequence")), _sequence(data.get("lastLostSequence"))
+    if lo is None or hi is None:
         return None
-    lo, hi = int(first), int(last)
     return (lo, hi) if 0 < lo <= hi < sequence else None
 
 

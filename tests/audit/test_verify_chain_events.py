@@ -224,6 +224,7 @@ def test_a_declared_loss_is_not_tampering(declared: tuple[str, str], missing: se
         ("00000000000000000003", "00000000000000000005"),  # the gap itself
         ("00000000000000000003", "00000000000000000009"),  # after the gap
         ("00000000000000000003", "4x"),
+        ("00000000000000000003", "\uff14"),  # a digit, but not an ASCII one
         ("-3", "4"),
         (3, 4),
         ("00000000000000000003", None),
