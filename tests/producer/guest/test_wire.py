@@ -169,8 +169,8 @@ def test_reasons_are_exactly_the_spec_names_and_each_is_a_leaf_class() -> None:
         assert issubclass(cls, BodyError) is not framing
         err = cls(7, "detail")
         assert (err.reason, err.offset) == (name, 7)
-        assert name in str(err)
-        assert "detail" in str(err)
+        assert str(err) == f"{name} at offset 7: detail"
+        assert str(cls(None, "detail")) == f"{name}: detail"  # no offset, no "at offset"
 
 
 # Body: ordering and the corners SPEC 2.2 leaves to us -----------------------------------
@@ -207,6 +207,7 @@ At = int | str | tuple[str, int]
         (b"\x63ab", "NotMap5", 0),
         (b"\xb8", "UnexpectedEof", 0),  # map count argument missing
         (b"\xa5", "UnexpectedEof", "end"),
+        (_map(_entries()[:4]), "NotMap5", 0),  # the map's head, not the key after it
         (b"\xa5\x01\x01", "FieldType", 1),  # first key is not text
         (b"\xa5\x41a", "UnsupportedMajor", 1),  # first key is a byte string
         (b"\xa5\x62\xc3\x28\x01", "InvalidUtf8", 1),  # read before judged as a key
@@ -225,8 +226,10 @@ At = int | str | tuple[str, int]
         (_map(_entries(pid=b"\xbf")), "UnsupportedAdditional", "guest_pid"),
         (_map(_entries(source=_uint(1))), "FieldType", "probe_source"),
         (_map(_entries(source=_text(b"\xff"))), "InvalidUtf8", "probe_source"),
+        (_map(_entries(source=_text("process.teleported"))), "UnknownProbeSource", "probe_source"),
         (_map(_entries(comm=_uint(1))), "FieldType", "guest_comm"),
         (_map(_entries(comm=b"\x7c")), "UnsupportedAdditional", "guest_comm"),
+        (_map(_entries(comm=_text(b"sh\xff"))), "InvalidUtf8", "guest_comm"),
         (GOOD[: _value_at("guest_pid", GOOD)], "UnexpectedEof", "end"),
         (GOOD[: _value_at("guest_comm", GOOD)], "UnexpectedEof", "end"),
         (GOOD[:-1], "UnexpectedEof", "guest_monotonic_ns"),
@@ -240,6 +243,7 @@ At = int | str | tuple[str, int]
         (_map(_entries(ns=b"\xc1")), "UnsupportedMajor", "guest_monotonic_ns"),  # a tag
         # An unknown key's value is read through, item by item.
         (_with(3, EXTRA, b"\xf5"), "UnsupportedMajor", "extra"),
+        (_with(3, EXTRA, b"\x1c"), "UnsupportedAdditional", "extra"),  # 28, the first reserved
         (_with(3, EXTRA, _text(b"\xff")), "InvalidUtf8", "extra"),
         (_with(4, EXTRA, b"\x63ab"), "UnexpectedEof", "extra"),
         (_with(3, EXTRA, _map([(_uint(1), _uint(2))])), "FieldType", ("extra", 1)),
@@ -337,6 +341,16 @@ def test_offsets_name_the_item_at_fault() -> None:
     assert offset(_with(3, _text("extra"), _uint(1))) == len(_with(3, _text("extra"), _uint(1)))
 
 
+def test_a_pid_spelling_the_next_key_is_refused_not_skipped() -> None:
+    """A text where guest_pid belongs reads like the agent's layout with the pid left out."""
+    entries = _entries(pid=_text("guest_comm") + _text("sh"))
+    del entries[3]
+    body = _map(entries, count=5)
+    with pytest.raises(BodyError) as info:
+        decode_body(body)
+    assert (info.value.reason, info.value.offset) == ("FieldType", _value_at("guest_pid", body))
+
+
 def test_non_shortest_heads_everywhere_are_accepted() -> None:
     entries = [
         (_text("content_version", 8), _uint(1, 8)),
@@ -364,6 +378,17 @@ def test_encoder_is_canonical_cbor_with_the_agents_key_order() -> None:
             ns=_uint(U64_MAX),
         )
     )
+
+
+@pytest.mark.parametrize(
+    "value", [23, 24, 255, 256, 0xFFFF, 0x1_0000, U32_MAX, U32_MAX + 1, U64_MAX]
+)
+def test_encoder_picks_the_shortest_head_at_each_width_boundary(value: int) -> None:
+    pid = min(value, U32_MAX)
+    comm = "c" * min(value, 300)
+    decl = Declaration(1, "process.spawned", pid, comm, value)
+    assert encode_body(decl) == _map(_entries(pid=_uint(pid), comm=_text(comm), ns=_uint(value)))
+    assert decode_body(encode_body(decl)) == decl
 
 
 def test_encoder_refuses_what_cbor_or_the_frame_limit_cannot_carry() -> None:
@@ -401,6 +426,31 @@ def test_oversize_prefix_is_refused_as_its_last_byte_arrives() -> None:
         reader.feed(OVERSIZE[3:])
     assert info.value.outcomes == []
     assert info.value.offset == len(FRAME)
+
+
+def test_offsets_count_the_whole_stream_across_feeds() -> None:
+    reader = FrameReader()
+    for _ in range(2):
+        assert reader.feed(FRAME) == [GOOD_DECL]
+    with pytest.raises(wire.FrameTooLarge) as info:
+        reader.feed(OVERSIZE)
+    assert info.value.offset == 2 * len(FRAME)
+
+    reader = FrameReader()
+    for _ in range(3):
+        assert reader.feed(FRAME) == [GOOD_DECL]
+    assert reader.feed(FRAME[:3]) == []
+    with pytest.raises(wire.ShortHeader) as info:
+        reader.eof()
+    assert info.value.offset == 3 * len(FRAME)
+
+
+def test_a_frame_split_inside_its_prefix_waits_for_all_of_its_body() -> None:
+    reader = FrameReader()
+    assert reader.feed(FRAME[:2]) == []
+    assert reader.feed(FRAME[2:-1]) == []
+    assert reader.buffered == len(FRAME) - 1
+    assert reader.feed(FRAME[-1:]) == [GOOD_DECL]
 
 
 def test_a_dead_reader_interprets_nothing_more() -> None:
