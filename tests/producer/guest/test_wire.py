@@ -432,17 +432,17 @@ def test_offsets_count_the_whole_stream_across_feeds() -> None:
     reader = FrameReader()
     for _ in range(2):
         assert reader.feed(FRAME) == [GOOD_DECL]
-    with pytest.raises(wire.FrameTooLarge) as info:
+    with pytest.raises(wire.FrameTooLarge) as too_large:
         reader.feed(OVERSIZE)
-    assert info.value.offset == 2 * len(FRAME)
+    assert too_large.value.offset == 2 * len(FRAME)
 
     reader = FrameReader()
     for _ in range(3):
         assert reader.feed(FRAME) == [GOOD_DECL]
     assert reader.feed(FRAME[:3]) == []
-    with pytest.raises(wire.ShortHeader) as info:
+    with pytest.raises(wire.ShortHeader) as short:
         reader.eof()
-    assert info.value.offset == 3 * len(FRAME)
+    assert short.value.offset == 3 * len(FRAME)
 
 
 def test_a_frame_split_inside_its_prefix_waits_for_all_of_its_body() -> None:
