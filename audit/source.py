@@ -23,7 +23,7 @@ import re
 import secrets
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -101,7 +101,7 @@ class StreamState(msgspec.Struct, frozen=True, kw_only=True):
 class Broker:
     """One NATS connection used for reading; translate every failure into ``audit.errors``."""
 
-    def __init__(self, nc: Client, refused: deque[str], options: ConnectOptions) -> None:
+    def __init__(self, nc: _Client, refused: deque[str], options: ConnectOptions) -> None:
         self._nc = nc
         self._refused = refused
         self._timeout = options.request_timeout_s
@@ -287,7 +287,7 @@ class Broker:
             await reader.close()
 
     @property
-    def nc(self) -> Client:
+    def nc(self) -> _Client:
         return self._nc
 
 
@@ -296,7 +296,32 @@ class _Client(Client):
     stream: nats-py 2.16 checks each header name for whitespace with a generator over its
     characters, a quarter of what reading a message costs; one regex search gives the same
     answer. The result is the same as nats-py's for any header block (a property test holds
-    the two together, and fails if nats-py stops calling the method)."""
+    the two together, and fails if nats-py stops calling the method).
+
+    A reader's own subscription can also be routed past nats-py's message handling
+    (:meth:`route`): its messages go to a plain callable as the parser's bytes, without a
+    ``Msg`` object, a header dict, a queue and a task wake-up each, which together cost
+    more than the parsing itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._routes: dict[int, Route] = {}
+
+    def route(self, sid: int, to: Route | None) -> None:
+        """Hand subscription ``sid``'s messages to ``to`` (None: back to nats-py)."""
+        if to is None:
+            self._routes.pop(sid, None)
+        else:
+            self._routes[sid] = to
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        to = self._routes.get(sid)
+        if to is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        else:
+            to(subject, reply, data, headers)
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -315,6 +340,12 @@ class _Client(Client):
 
 
 _SPACE: Final = re.compile(r"\s")
+
+Route = Callable[[bytes, bytes, bytes, bytes], None]
+"""``(subject, reply, payload, header block)`` of one message, as the server sent them."""
+RawMsg = tuple[bytes, bytes, bytes, bytes]
+_HEADER_LINE: Final = b"NATS/1.0"
+_BINARY_MARK: Final = b"ce-specversion"
 
 
 class _ApiError(SourceError):
@@ -347,7 +378,7 @@ class _OrderedReader:
         self._last_sseq = 0
         self._name: str | None = None
         self._inbox = broker.nc.new_inbox()
-        self._queue: deque[Msg] = deque()
+        self._queue: deque[RawMsg] = deque()
         self._arrived = asyncio.Event()
         self._outstanding = 0
         self._request_over = False
@@ -399,17 +430,18 @@ class _OrderedReader:
         except nats.errors.Error as exc:
             raise SourceError(f"read {self._filter}: {exc!r}") from exc
 
-    async def _on_message(self, msg: Msg) -> None:
-        self._queue.append(msg)
+    def _on_message(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        # Bounded without a limit of its own: at most two pull requests are outstanding.
+        self._queue.append((subject, reply, data, headers))
         self._arrived.set()
 
     async def read(self, start: Start) -> AsyncIterator[Received]:
+        nc = self._broker.nc
         try:
-            self._sub = await self._broker.nc.subscribe(
-                self._inbox, cb=self._on_message, pending_msgs_limit=4 * _FETCH
-            )
+            self._sub = await nc.subscribe(self._inbox)
         except nats.errors.Error as exc:
             raise SourceError(f"cannot subscribe to {self._inbox}: {exc!r}") from exc
+        nc.route(self._sub._id, self._on_message)
         await self._create(start)
         if start.sequence is not None:
             self._last_sseq = start.sequence - 1
@@ -419,16 +451,16 @@ class _OrderedReader:
             if not self._queue:
                 await self._wait()
                 continue
-            msg = self._queue.popleft()
-            status = (msg.headers or {}).get("Status")
+            subject, reply, data, headers = self._queue.popleft()
+            status = _status_of(headers)
             if status is not None:
-                if await self._status(status, msg):
+                if await self._status(*status):
                     return
                 continue
             self._outstanding -= 1
             if self._outstanding == 0:
                 self._request_over = True
-            consumer, sseq, dseq, stored_ns, pending = _ack_fields(msg.reply)
+            consumer, sseq, dseq, stored_ns, pending = _ack_fields(reply.decode())
             if consumer != self._name:
                 continue  # still in flight from a consumer replaced by _restart
             if dseq != last_dseq + 1:
@@ -438,9 +470,11 @@ class _OrderedReader:
             if self._until_seq is not None and sseq > self._until_seq:
                 return
             self._last_sseq, last_dseq = sseq, dseq
+            # only a binary-mode message needs its headers read
+            fields = _Client._parse_header_lines(headers) if _BINARY_MARK in headers else None
             yield Received(
-                raw=structured_bytes(msg.data, msg.headers),
-                subject=msg.subject,
+                raw=structured_bytes(data, fields),
+                subject=subject.decode(),
                 stream_seq=sseq,
                 stored_ns=stored_ns,
             )
@@ -460,14 +494,13 @@ class _OrderedReader:
             # the server or the consumer is gone
             raise SourceError(f"read {self._filter}: the server stopped answering") from exc
 
-    async def _status(self, status: str, msg: Msg) -> bool:
+    async def _status(self, status: str, description: str) -> bool:
         """Handle a status message; True when a (non-follow) read is over."""
         if status == "100":
             return False  # idle heartbeat
         if status in ("404", "408"):
             self._request_over = True
             return status == "404" and not self._follow
-        description = (msg.headers or {}).get("Description", "")
         if status == "409" and "Consumer Deleted" in description:
             raise SourceError(f"read {self._filter}: the consumer was deleted")
         self._request_over = True
@@ -490,9 +523,19 @@ class _OrderedReader:
 
     async def close(self) -> None:
         if self._sub is not None:
+            self._broker.nc.route(self._sub._id, None)
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
         await self._delete()
+
+
+def _status_of(headers: bytes) -> tuple[str, str] | None:
+    """(code, description) of a status message (``NATS/1.0 404 No Messages``), else None."""
+    if not headers.startswith(_HEADER_LINE + b" "):
+        return None
+    line = headers[len(_HEADER_LINE) + 1 :].partition(b"\r\n")[0]
+    code, _, description = line.partition(b" ")
+    return code.strip().decode("ascii", "replace"), description.strip().decode("utf-8", "replace")
 
 
 def _ack_fields(reply: str) -> tuple[str, int, int, int, int]:
