@@ -7,11 +7,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from audit.digest import format_sequence
+from audit.digest import digest_of, format_sequence
 from audit.verify import ChainReport, StreamVerifier, prepare
 from producer.chain.sealer import ChainSealer
 from producer.chain.signing import Signer
 from schemas.events import CHAIN_TYPE, GUEST_TYPE, HOST_TYPE
+from schemas.heads import ChainHead
 
 AT = "2024-05-01T12:00:00.123456Z"
 
@@ -179,3 +180,19 @@ def verify_stream_of(
     for index, payload in enumerate(payloads):
         verifier.add(prepare(payload, index, trust))
     return verifier.finish()
+
+
+def recorded_head(b: ChainBuilder, sequence: int, *, sealed: bool = False) -> dict[str, ChainHead]:
+    """The recorded head of ``b``'s chain at ``sequence`` (an event it sealed, its real
+    digest), as the heads bucket would hold it."""
+    head = ChainHead(
+        cell_id=b.cell,
+        run_id=b.run,
+        chain_id=b.chain_id,
+        sequence=sequence,
+        digest=digest_of(b.payloads[sequence - 1]),
+        event_id=f"{b.chain_id}-{sequence}",
+        type="sealed" if sealed else "checkpoint",
+        sealed=sealed,
+    )
+    return {b.chain_id: head}

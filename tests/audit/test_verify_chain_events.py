@@ -23,9 +23,15 @@ from audit.verify import (
     verify_chain,
 )
 from producer.chain.signing import Signer
-from schemas.heads import ChainHead
 from tests.audit.test_verify_exact import SIGNER, TRUST, _exact, _resigned
-from tests.chains import AT, ChainBuilder, full_chain, new_signer, verify_stream_of
+from tests.chains import (
+    AT,
+    ChainBuilder,
+    full_chain,
+    new_signer,
+    recorded_head,
+    verify_stream_of,
+)
 
 # -- opened ------------------------------------------------------------------------------
 
@@ -310,7 +316,7 @@ def test_a_chain_reaching_its_recorded_head_is_intact_and_open() -> None:
 
 def test_a_head_trimmed_away_with_the_start_of_its_chain_is_no_mismatch() -> None:
     b = _open_chain()
-    heads = _head(b, 2)
+    heads = recorded_head(b, 2)
     (report,) = verify_stream_of(b.payloads[3:], TRUST, heads=heads, trimmed=True)
     assert report.ok and report.verdict == Verdict.INTACT_OPEN, report.problems
     assert (report.retained_from, report.first_sequence, report.events) == (4, 4, 3)
@@ -328,21 +334,6 @@ def test_a_report_spans_its_first_and_last_event_and_counts_redeliveries() -> No
 
 
 # -- the streaming verifier -------------------------------------------------------------
-
-
-def _head(b: ChainBuilder, sequence: int, *, sealed: bool = False) -> dict[str, ChainHead]:
-    """The recorded head of ``b``'s chain at ``sequence`` (an event it sealed)."""
-    head = ChainHead(
-        cell_id=b.cell,
-        run_id=b.run,
-        chain_id=b.chain_id,
-        sequence=sequence,
-        digest=digest_of(b.payloads[sequence - 1]),
-        event_id=f"{b.chain_id}-{sequence}",
-        type="sealed" if sealed else "checkpoint",
-        sealed=sealed,
-    )
-    return {b.chain_id: head}
 
 
 def test_every_message_is_counted() -> None:
@@ -377,19 +368,9 @@ def test_an_event_whose_id_names_no_chain_is_a_stray() -> None:
     )
 
 
-def test_a_stream_that_was_not_trimmed_must_start_with_opened() -> None:
-    chain = full_chain(SIGNER).payloads
-    (report,) = verify_stream_of(chain[1:], TRUST)
-    _exact(
-        report,
-        (1, Reason.MISSING_OPENED, "chain does not start with an opened event at seq 1"),
-        (1, Reason.SEQUENCE_JUMP, "seq 1 missing (an undeclared hole)"),
-    )
-
-
 def test_a_recorded_head_with_no_events_is_a_cut_chain() -> None:
     b = full_chain(SIGNER)
-    (report,) = verify_stream_of([], TRUST, heads=_head(b, 6))
+    (report,) = verify_stream_of([], TRUST, heads=recorded_head(b, 6))
     assert (report.cell_id, report.run_id, report.chain_id) == (b.cell, b.run, b.chain_id)
     assert (report.verdict, report.head_sequence, report.events) == (Verdict.TRUNCATED, 6, 0)
     _exact(
@@ -409,7 +390,7 @@ def test_a_chain_trimmed_away_entirely_is_intact_to_its_head(
     sealed: bool, verdict: Verdict
 ) -> None:
     b = full_chain(SIGNER)
-    (report,) = verify_stream_of([], TRUST, heads=_head(b, 10, sealed=sealed), trimmed=True)
+    (report,) = verify_stream_of([], TRUST, heads=recorded_head(b, 10, sealed=sealed), trimmed=True)
     assert (report.cell_id, report.run_id, report.chain_id) == (b.cell, b.run, b.chain_id)
     assert (report.verdict, report.retained_from, report.sealed) == (verdict, 11, sealed)
     assert report.ok and report.problems == []
@@ -459,7 +440,7 @@ def test_a_chain_known_only_from_its_head_comes_first_in_its_run() -> None:
     gone = full_chain(SIGNER)
     gone.chain_id = "0" * 16
     present = full_chain(SIGNER)
-    reports = verify_stream_of(present.payloads, TRUST, heads=_head(gone, 10), trimmed=True)
+    reports = verify_stream_of(present.payloads, TRUST, heads=recorded_head(gone, 10), trimmed=True)
     assert [r.chain_id for r in reports] == [gone.chain_id, present.chain_id]
 
 

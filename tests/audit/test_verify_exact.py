@@ -13,7 +13,6 @@ import msgspec
 
 from audit.canonical import canonical
 from audit.consumer import verify_file
-from audit.digest import digest_of
 from audit.prepare import prepare
 from audit.verify import (
     DEFERRED_WINDOW,
@@ -31,8 +30,14 @@ from audit.verify import (
     verify_chain,
 )
 from schemas.events import CHAIN_TYPE
-from schemas.heads import ChainHead
-from tests.chains import AT, ChainBuilder, full_chain, new_signer, verify_stream_of
+from tests.chains import (
+    AT,
+    ChainBuilder,
+    full_chain,
+    new_signer,
+    recorded_head,
+    verify_stream_of,
+)
 
 SIGNER = new_signer()
 TRUST = {SIGNER.kid: SIGNER.public_raw}
@@ -460,22 +465,6 @@ def test_a_chain_whose_first_event_is_a_later_chain_event_takes_its_id_from_the_
 # -- recorded heads and trimmed streams --------------------------------------------------
 
 
-def _head(b: ChainBuilder, sequence: int, *, sealed: bool = False) -> dict[str, ChainHead]:
-    """The recorded head of ``b``'s chain at ``sequence`` (its real digest)."""
-    return {
-        b.chain_id: ChainHead(
-            cell_id=b.cell,
-            run_id=b.run,
-            chain_id=b.chain_id,
-            sequence=sequence,
-            digest=digest_of(b.payloads[sequence - 1]),
-            event_id=f"{b.chain_id}-{sequence}",
-            type="checkpoint",
-            sealed=sealed,
-        )
-    }
-
-
 def test_the_recorded_head_must_be_the_event_at_its_sequence() -> None:
     b = full_chain(SIGNER)
     forged = (3, "sha256:" + "0" * 64)
@@ -483,7 +472,7 @@ def test_the_recorded_head_must_be_the_event_at_its_sequence() -> None:
         _report(b.payloads, head=forged),
         (3, Reason.HEAD_MISMATCH, "seq 3: digest differs from the recorded chain head"),
     )
-    (report,) = verify_stream_of(b.payloads[:2], TRUST, heads=_head(b, 3))
+    (report,) = verify_stream_of(b.payloads[:2], TRUST, heads=recorded_head(b, 3))
     _exact(
         report,
         (
@@ -493,17 +482,17 @@ def test_the_recorded_head_must_be_the_event_at_its_sequence() -> None:
         ),
     )
     assert (report.verdict, report.head_sequence) == (Verdict.TRUNCATED, 3)
-    (reached,) = verify_stream_of(b.payloads[:3], TRUST, heads=_head(b, 3))
+    (reached,) = verify_stream_of(b.payloads[:3], TRUST, heads=recorded_head(b, 3))
     assert (reached.verdict, reached.ok) == (Verdict.INTACT_OPEN, True)
 
 
 def test_a_chain_trimmed_away_entirely_keeps_the_verdict_of_its_head() -> None:
     b = full_chain(SIGNER)
-    (sealed,) = verify_stream_of([], TRUST, heads=_head(b, 10, sealed=True), trimmed=True)
+    (sealed,) = verify_stream_of([], TRUST, heads=recorded_head(b, 10, sealed=True), trimmed=True)
     assert (sealed.verdict, sealed.retained_from, sealed.events) == (Verdict.INTACT_SEALED, 11, 0)
-    (open_,) = verify_stream_of([], TRUST, heads=_head(b, 3), trimmed=True)
+    (open_,) = verify_stream_of([], TRUST, heads=recorded_head(b, 3), trimmed=True)
     assert (open_.verdict, open_.retained_from, open_.ok) == (Verdict.INTACT_OPEN, 4, True)
-    (cut,) = verify_stream_of([], TRUST, heads=_head(b, 3))
+    (cut,) = verify_stream_of([], TRUST, heads=recorded_head(b, 3))
     _exact(
         cut,
         (
