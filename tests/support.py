@@ -483,11 +483,20 @@ async def stored(url: str) -> Stored:
     by_cell: dict[str, list[bytes]] = {}
     try:
         js = nc.jetstream(timeout=10)
-        sub = await js.pull_subscribe(
-            f"{PREFIX}.>",
-            stream=STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0),
-        )
+        # A cluster that just lost a node may take longer than one request's timeout to
+        # place a consumer; the stream is complete, so ask again until it answers.
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            try:
+                sub = await js.pull_subscribe(
+                    f"{PREFIX}.>",
+                    stream=STREAM,
+                    config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0),
+                )
+                break
+            except nats.errors.TimeoutError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
         try:
             while True:
                 try:
