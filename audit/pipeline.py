@@ -134,22 +134,12 @@ class _RangeReader:
         assert _source is not None, "a Preparer with a source starts its workers with it"
         if self._broker is None:
             self._broker = await Broker.connect(_source.options)
-        prepared: list[Prepared] = []
         read = self._broker.messages(
             _source.stream, _source.subjects, Start(sequence=span.first), until_seq=span.last
         )
-        async for m in read:
-            prepared.append(
-                prepare(
-                    m.raw,
-                    0,  # numbered by the caller, which knows what came before
-                    _trust,
-                    subject=m.subject,
-                    stream_seq=m.stream_seq,
-                    prefix=_prefix,
-                    every_signature=_every,
-                )
-            )
+        batch = [(m.raw, m.subject, m.stream_seq) async for m in read]
+        # numbered from 0: the caller, which knows what came before, numbers them again
+        prepared = _prepare_all(0, batch, _trust, _prefix, _every)
         return _encode(prepared)
 
 
