@@ -387,6 +387,28 @@ async def alternate_probes(
         ratios.append(rates[True] / rates[False])
 
 
+SERIES_S = 0.25
+
+
+async def record_series(
+    rows: list[tuple[float, ...]], sample: Callable[[], tuple[float, ...]]
+) -> None:
+    """Append ``sample()`` to ``rows`` every :data:`SERIES_S` until cancelled: where a run's
+    rate is bursty, the series shows which stage stalls first."""
+    t0 = time.monotonic()
+    while True:
+        rows.append((time.monotonic() - t0, *sample()))
+        await asyncio.sleep(SERIES_S)
+
+
+def write_series(path: str, rows: list[tuple[float, ...]]) -> None:
+    with open(path, "w") as out:
+        out.write("t_s,frames_read,sealed,acked,probe_readings,probes_on,cpu_s\n")
+        for row in rows:
+            out.write(",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+            out.write("\n")
+
+
 def summarize_ab(ratios: list[float], rng: random.Random) -> str:
     """Mean block ratio with a 95 % bootstrap interval (blocks resampled)."""
     if len(ratios) < 2:
@@ -476,6 +498,25 @@ async def run_producer(
                 ab = asyncio.create_task(
                     alternate_probes(scheduler, guest_acked, args.probe_ab, busy)
                 )
+            series: asyncio.Task[None] | None = None
+            rows: list[tuple[float, ...]] = []
+            if args.series:
+
+                def sample() -> tuple[float, ...]:
+                    scheduler = producer.probes
+                    readings = (
+                        sum(st.readings for st in scheduler.stats().values()) if scheduler else 0
+                    )
+                    return (
+                        sum(c.counters.accepted for c in cells),
+                        sum(c.counters.events for c in cells),
+                        publisher.stats.acked - acked0,
+                        readings,
+                        int(scheduler is not None and not scheduler.paused),
+                        sum(self_cpu()),
+                    )
+
+                series = asyncio.create_task(record_series(rows, sample))
             deadline = time.monotonic() + args.timeout
             WATCHDOG.deadline = deadline + 30
             complete = True
@@ -493,6 +534,9 @@ async def run_producer(
             WATCHDOG.deadline = float("inf")
             if profiler is not None:
                 profiler.disable()
+            if series is not None:
+                series.cancel()
+                write_series(f"{args.series}.{label}.csv", rows)
 
             user1, sys1 = self_cpu()
             server1 = proc_cpu_s(server.pid)
@@ -671,6 +715,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         metavar="PREFIX",
         help="cProfile the producer during each timed run; writes PREFIX.<mode>.pstats",
+    )
+    p.add_argument(
+        "--series",
+        metavar="PREFIX",
+        help=f"write PREFIX.<mode>.csv: counters and producer CPU every {SERIES_S} s of each run",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (stores, key)")
     p.add_argument(

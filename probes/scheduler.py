@@ -213,6 +213,10 @@ class ProbeScheduler:
     def resume(self) -> None:
         self._paused = False
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def stats(self) -> dict[tuple[str, ProbeName], ProbeStats]:
         """A copy of every (cell, probe)'s counters, for periodic stats logging."""
         return {

@@ -286,10 +286,13 @@ async def test_ticks_while_paused_read_nothing_and_count_as_missed(
     scheduler.add_cell("cell-1", [probe])
     scheduler.start()
     await vt.advance(2.0)
+    assert not scheduler.paused
     scheduler.pause()
+    assert scheduler.paused
     await vt.advance(20.0)  # the ticks at 11 and 21
     assert (probe.reads, scheduler.stats()[("cell-1", "cgroup")].missed) == (1, 2)
     scheduler.resume()
+    assert not scheduler.paused
     await vt.advance(10.0)  # 31, on the same phase
     assert probe.reads == 2 and len(dispatch.readings) == 2
     assert scheduler.stats()[("cell-1", "cgroup")].missed == 2
