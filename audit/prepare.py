@@ -22,7 +22,7 @@ import msgspec
 from audit.canonical import canonical
 from audit.digest import SEQUENCE_DIGITS, digest_of
 from audit.errors import CanonicalizationError
-from audit.keys import SIGNATURE_SIZE, b64url_decode, verify_detached
+from audit.keys import SIGNATURE_SIZE, b64url_decode, is_b64url, verify_detached
 from schemas.events import CHAIN_TYPE, TYPE_PREFIX
 
 SIG_NONE: Final = 0
@@ -184,11 +184,12 @@ def _signature(
     key = trust.get(kid)
     if key is None:
         return kid, SIG_UNTRUSTED
-    raw_signature = b64url_decode(signature, SIGNATURE_SIZE)
-    if raw_signature is None:
+    if not is_b64url(signature, SIGNATURE_SIZE):
         return kid, SIG_INVALID
     if not check:
         return kid, SIG_DEFERRED
+    raw_signature = b64url_decode(signature, SIGNATURE_SIZE)
+    assert raw_signature is not None  # is_b64url said so
     ok = verify_detached(key, _signed_bytes(body, full, signature), raw_signature)
     return kid, SIG_VALID if ok else SIG_INVALID
 

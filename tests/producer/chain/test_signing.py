@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -71,6 +73,45 @@ def test_b64url_is_unpadded_urlsafe_and_strict() -> None:
     respelled = text[:-1] + alphabet[alphabet.index(text[-1]) ^ 1]
     assert base64.urlsafe_b64decode(respelled + "=") == raw  # a lenient decoder agrees
     assert b64url_decode(respelled, 32) is None
+
+
+def _strict_reference(text: str, size: int) -> bytes | None:
+    """What canonical means, spelled slowly: decodes (alphabet, length) to ``size`` bytes
+    that encode back to exactly ``text``."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        return None
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return raw if len(raw) == size and b64url_encode(raw) == text else None
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@given(
+    raw=st.binary(min_size=0, max_size=70),
+    size=st.sampled_from([0, 1, 2, 3, 31, 32, 33, 64, 65]),
+    edit=st.integers(min_value=-1, max_value=100),
+    char=st.sampled_from([*_ALPHABET, "=", "+", "/", " ", "\n", "é"]),
+)
+def test_b64url_decode_accepts_exactly_the_canonical_spelling(
+    raw: bytes, size: int, edit: int, char: str
+) -> None:
+    text = b64url_encode(raw)
+    if 0 <= edit < len(text):  # one character replaced
+        text = text[:edit] + char + text[edit + 1 :]
+    elif edit >= 0 and edit % 2:  # one appended
+        text += char
+    assert b64url_decode(text, size) == _strict_reference(text, size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 32, 64])
+def test_every_spare_bit_pattern_of_the_last_character_is_refused(size: int) -> None:
+    text = b64url_encode(bytes(size))  # ends in "A" when there are spare bits
+    spellings = [text[:-1] + c for c in _ALPHABET]
+    accepted = [t for t in spellings if b64url_decode(t, size) is not None]
+    spare = (6 - 8 * size % 6) % 6
+    assert len(accepted) == len(_ALPHABET) >> spare
+    assert all(_strict_reference(t, size) is not None for t in accepted)
 
 
 # ---- Signer
