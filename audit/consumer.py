@@ -27,7 +27,7 @@ PARALLEL_FROM: Final = 20_000
 """Below this many messages starting worker processes costs more than it saves."""
 READ_CHUNK: Final = 2048
 """Messages a worker reads per consumer: creating and deleting one costs about as much
-as reading a few dozen messages, and the workers hold at most ``2 x workers + 1`` chunks."""
+as reading a few dozen messages, and at most ``workers + 1`` chunks are read or held at once."""
 
 Progress = Callable[[int, int | None], None]
 """Called now and then during a long read: (messages so far, total or None)."""
