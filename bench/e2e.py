@@ -387,6 +387,11 @@ async def alternate_probes(
         ratios.append(rates[True] / rates[False])
 
 
+def probe_readings(scheduler: ProbeScheduler | None) -> int:
+    """Probe readings dispatched so far, over every cell and probe (0 without probes)."""
+    return sum(st.readings for st in scheduler.stats().values()) if scheduler else 0
+
+
 SERIES_S = 0.25
 
 
@@ -488,8 +493,7 @@ async def run_producer(
                 scheduler = producer.probes
 
                 def guest_acked() -> int:
-                    readings = sum(st.readings for st in scheduler.stats().values())
-                    return publisher.stats.acked - readings
+                    return publisher.stats.acked - probe_readings(scheduler)
 
                 def busy() -> bool:
                     read = sum(c.counters.accepted for c in cells)
@@ -503,16 +507,12 @@ async def run_producer(
             if args.series:
 
                 def sample() -> tuple[float, ...]:
-                    scheduler = producer.probes
-                    readings = (
-                        sum(st.readings for st in scheduler.stats().values()) if scheduler else 0
-                    )
                     return (
                         sum(c.counters.accepted for c in cells),
                         sum(c.counters.events for c in cells),
                         publisher.stats.acked - acked0,
-                        readings,
-                        int(scheduler is not None and not scheduler.paused),
+                        probe_readings(producer.probes),
+                        int(producer.probes is not None and not producer.probes.paused),
                         sum(self_cpu()),
                     )
 
@@ -562,8 +562,7 @@ async def run_producer(
             if errors := [e for r in reports for e in r[4]]:
                 result.notes.append(f"guest send errors: {errors[:3]}")
             if probes and producer.probes is not None:
-                readings = sum(st.readings for st in producer.probes.stats().values())
-                result.notes.append(f"probe readings published: {readings}")
+                result.notes.append(f"probe readings published: {probe_readings(producer.probes)}")
             if ab is not None:
                 result.notes.append(summarize_ab(await ab, random.Random(0)))
             if publisher.stats.retries or publisher.stats.timeouts:

@@ -48,6 +48,8 @@ def _raw(key: Ed25519PrivateKey) -> bytes:
 
 # ---- key ids and encodings
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
 
 def test_kid_format_and_value() -> None:
     raw = bytes(range(32))
@@ -69,8 +71,7 @@ def test_b64url_is_unpadded_urlsafe_and_strict() -> None:
     assert b64url_decode(text, 33) is None  # wrong size
     # Same bytes, other spelling: 43 characters carry 258 bits, so the last character's
     # two low bits are unused; flipping one must not yield a second accepted spelling.
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    respelled = text[:-1] + alphabet[alphabet.index(text[-1]) ^ 1]
+    respelled = text[:-1] + _ALPHABET[_ALPHABET.index(text[-1]) ^ 1]
     assert base64.urlsafe_b64decode(respelled + "=") == raw  # a lenient decoder agrees
     assert b64url_decode(respelled, 32) is None
 
@@ -82,9 +83,6 @@ def _strict_reference(text: str, size: int) -> bytes | None:
         return None
     raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     return raw if len(raw) == size and b64url_encode(raw) == text else None
-
-
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 @given(
