@@ -260,6 +260,8 @@ class Spool:
         self._deliver: Deliver | None = None
         self._wait_window: Callable[[], Awaitable[Any]] | None = None
         self._spill: tuple[int, int] | None = None
+        self._held = False
+        """Durable records wait in ``_pending`` for room in the publisher's window."""
         self._feeder: asyncio.Task[None] | None = None
         self._feed_wake = asyncio.Event()
         self._ack_dirty: dict[int, int] = {}
@@ -583,6 +585,8 @@ class Spool:
         spool up to its bound, which is what the spool is for.
         """
         self._paced = paced
+        if not paced and self._held:
+            self._unhold()
         self._update_space()
 
     def can_overflow(self) -> bool:
@@ -755,18 +759,44 @@ class Spool:
             self._schedule_sync()
 
     def _release(self) -> None:
-        """Hand every durable record to the publisher, in log order."""
+        """Hand every durable record to the publisher, in log order.
+
+        When the publisher's window is full: while paced, the rest waits here in memory
+        (readers are held back, so it cannot grow past what they had already read) and the
+        feeder resumes it when the window has room; otherwise it spills, to be read back
+        from disk, so memory stays bounded however long the broker is away.
+        """
         pending, durable, deliver = self._pending, self._durable, self._deliver
         while pending and pending[0][:2] <= durable:
-            segment, end, spooled = pending.popleft()
-            if spooled is None or deliver is None or self._spill is not None:
-                continue  # not an event, or the feeder will bring it back from disk
-            if not deliver(spooled):
+            segment, end, spooled = pending[0]
+            if (
+                spooled is not None
+                and deliver is not None
+                and self._spill is None
+                and not deliver(spooled)
+            ):
+                if self._paced:
+                    self._held = True
+                else:
+                    self._spill = (segment, end - _record_size(spooled))
+                    self.stats.spills += 1
+                self._feed_wake.set()
+                self._update_space()
+                if self._held:
+                    return
+            pending.popleft()
+
+    def _unhold(self) -> None:
+        """The broker went away while records waited in memory for the window: spill them
+        instead, so readers may read ahead into the spool."""
+        self._held = False
+        for segment, end, spooled in self._pending:
+            if spooled is not None:
                 self._spill = (segment, end - _record_size(spooled))
                 self.stats.spills += 1
                 self._feed_wake.set()
-                if self._paced:
-                    self._update_space()
+                break
+        self._release()  # drops the durable ones: the feeder reads them back
 
     def start_delivery(self, deliver: Deliver, wait_window: Callable[[], Awaitable[Any]]) -> None:
         """Hand records to ``deliver``: first what is already on disk (oldest first), then
@@ -782,10 +812,18 @@ class Spool:
             self._feeder = asyncio.get_running_loop().create_task(self._feed(), name="spool-feed")
 
     async def _feed(self) -> None:
-        """Bring spilled records back from disk while the publisher has room."""
+        """Resume records held in memory, and bring spilled ones back from disk, while the
+        publisher has room."""
         while not self._closed:
             await self._feed_wake.wait()
             self._feed_wake.clear()
+            if self._held:
+                assert self._wait_window is not None
+                await self._wait_window()
+                if self._held:  # still paced: go on from memory
+                    self._held = False
+                    self._release()
+                    self._update_space()
             while self._spill is not None and not self._closed:
                 if not await self._feed_some():
                     break
@@ -1047,7 +1085,7 @@ class Spool:
         elif not full and self._full:
             self._full = False
             event(log, logging.INFO, "spool_space_available", live_bytes=self.live_bytes())
-        if full or (self._paced and self._spill is not None):
+        if full or (self._paced and (self._held or self._spill is not None)):
             self._space.clear()
         else:
             self._space.set()

@@ -267,16 +267,47 @@ async def test_a_paced_spool_holds_readers_back_while_records_wait_on_disk(
     append(spool, chain, 5)
     spool.flush()
     await until(lambda: len(sink.got) == 3)
-    # The window is full and two records wait on disk: readers pause, the bound is not hit.
+    # The window is full and two records wait in memory: readers pause, the bound is not
+    # hit, and nothing goes through the disk and back.
     assert spool.has_space() and not spool.accepting()
+    assert spool.stats.spills == 0
+    sink.widen(4)
+    await until(lambda: len(sink.got) == 4)
+    await asyncio.sleep(0)
+    assert not spool.accepting() and spool.stats.refed == 0  # one still waits for room
     spool.set_paced(False)  # the broker went away: read ahead into the spool
-    assert spool.accepting()
+    assert spool.accepting() and spool.stats.spills == 1  # what waited is on disk only
     spool.set_paced(True)
     assert not spool.accepting()
     sink.widen(10**9)
     await asyncio.wait_for(spool.wait_for_space(), 30)  # caught up: readers go on
-    assert [e.sequence for e in sink.got] == [1, 2, 3, 4, 5]
+    assert [e.sequence for e in sink.got] == [1, 2, 3, 4, 5]  # once each, in order
+    assert spool.stats.refed == 1
     assert spool.accepting() and spool.stats.full == 0
+    await spool.close(clean=True)
+
+
+async def test_records_held_for_the_window_are_handed_over_when_it_has_room(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(opts(tmp_path))
+    spool.open()
+    sink = Sink(room=2)
+    spool.start_delivery(sink.deliver, sink.wait)
+    chain = new_chain(spool)
+    await until(lambda: spool._spill is None)
+    spool.set_paced(True)
+    for _ in range(3):
+        append(spool, chain, 2)
+        spool.flush()
+        await asyncio.sleep(0)
+    await until(lambda: len(sink.got) == 2)
+    assert not spool.accepting()
+    sink.widen(10**9)
+    await asyncio.wait_for(spool.wait_for_space(), 30)
+    await until(lambda: len(sink.got) == 6)
+    assert [e.sequence for e in sink.got] == [1, 2, 3, 4, 5, 6]
+    assert spool.stats.spills == 0 and spool.stats.refed == 0
     await spool.close(clean=True)
 
 
