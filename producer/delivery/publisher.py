@@ -32,15 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 import tenacity
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
 from audit.connect import NatsAuth, connect_error_kind, connect_kwargs, telling_error
 from audit.errors import ConnectOptionsError
 from producer.aio import cancel_and_wait, wait_set
+from producer.delivery.client import LeanClient
+from producer.delivery.protocol import Raw, hpub, inline_status
 from producer.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class OutMsg:
-    """One event on its way to JetStream. ``msg_id`` doubles as the ``Nats-Msg-Id``."""
+    """One event on its way to JetStream. ``msg_id`` doubles as the ``Nats-Msg-Id``;
+    ``header`` is the encoded header block (:func:`.protocol.header_block`), built once."""
 
     subject: str
     payload: bytes
     msg_id: str
-    headers: dict[str, str]
+    header: bytes
     attempts: int = 0
     sent_at: float = 0.0
     not_before: float = 0.0
@@ -64,11 +64,13 @@ class OutMsg:
     """The caller's handle on the message (the spooled event), returned in ``on_acked``."""
 
 
-@dataclass(slots=True)
-class PubAck:
-    stream: str
-    seq: int
-    duplicate: bool
+class PubAck(msgspec.Struct):
+    """A JetStream publish reply, decoded as it comes (``error`` set: a rejection)."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -84,17 +86,14 @@ class PublisherStats:
     last_error: str = ""
 
 
-class _AckBody(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_AckBody)
+_ack_decoder = msgspec.json.Decoder(PubAck)
 
 NO_RESPONDERS = "503"
 """The status of a publish no stream answered: JetStream has no stream for the subject."""
+
+SEND_BATCH = 256
+"""Commands queued per :meth:`LeanClient.send`: one flush request per batch. The loop goes
+on until the window is full, so a turn sends what a turn of reading guests brought."""
 
 AckCallback = Callable[[OutMsg, PubAck], None]
 StoredCheck = Callable[[list[OutMsg]], Awaitable[set[str]]]
@@ -128,7 +127,7 @@ class PublisherOptions:
 _RETRIED = (OSError, nats.errors.Error, TimeoutError, ConnectOptionsError)
 
 
-async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
+async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> LeanClient:
     """Connect with backoff: an unreachable broker at start, refused credentials or an
     unusable credentials file are retried and logged (with what kind of failure it is, so
     the operator knows what to fix), never fatal: fixing the file or the server's
@@ -187,7 +186,8 @@ async def connect_nats(opts: PublisherOptions, **callbacks: Any) -> NatsClient:
                 # the retries. Once connected, reconnecting forever is what we want.
                 causes.clear()
                 kwargs = connect_kwargs(opts.auth)
-                nc = await nats.connect(
+                nc = LeanClient()
+                await nc.connect(
                     [server.strip() for server in opts.url.split(",")],
                     name=opts.name,
                     connect_timeout=max(1, int(opts.connect_timeout_s)),
@@ -238,12 +238,13 @@ class Publisher:
         self._check_wake = asyncio.Event()
         # Only its wait strategy is used: tenacity paces resends, the queue does the rest.
         self._retrying = tenacity.Retrying(wait=opts.retry_wait)
-        self._nc: NatsClient | None = None
+        self._nc: LeanClient | None = None
         self._pending: deque[OutMsg] = deque()
         self._retry: deque[OutMsg] = deque()
-        self._inflight: dict[str, OutMsg] = {}
+        self._inflight: dict[bytes, OutMsg] = {}
+        """By reply token: the last subject token of the attempt's reply subject."""
         self._next_token = 0
-        self._inbox = ""
+        self._inbox = b""
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -258,7 +259,7 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
-    def nc(self) -> NatsClient:
+    def nc(self) -> LeanClient:
         if self._nc is None:
             raise BrokerError("publisher is not started")
         return self._nc
@@ -271,19 +272,15 @@ class Publisher:
             "error_cb": self._on_error,
         }
 
-    async def start(self, nc: NatsClient | None = None) -> None:
+    async def start(self, nc: LeanClient | None = None) -> None:
         """Connect (or adopt ``nc``, connected with :meth:`callbacks`), subscribe to the ack
         inbox, start the send loop."""
         if nc is None:
             nc = await connect_nats(self.opts, **self.callbacks())
         self._nc = nc
-        self._inbox = nc.new_inbox()
-        await nc.subscribe(
-            self._inbox + ".*",
-            cb=self._on_ack,
-            pending_msgs_limit=4 * self.opts.max_inflight + 1024,
-            pending_bytes_limit=-1,
-        )
+        inbox = nc.new_inbox()
+        self._inbox = f"{inbox}.".encode()
+        await nc.subscribe_raw(inbox + ".*", self._on_replies)
         self._set_connected(True)
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="publisher-send"),
@@ -420,11 +417,25 @@ class Publisher:
         nc = self.nc
         window = self.opts.max_inflight
         inflight = self._inflight
+        inbox = self._inbox
         while not self._closed:
             await self._connected.wait()
             now = self._clock()
-            msg = self._take(now) if len(inflight) < window else None
-            if msg is None:
+            room = min(window - len(inflight), SEND_BATCH)
+            batch: list[tuple[bytes, OutMsg]] = []
+            commands: list[bytes] = []
+            while room > 0 and (msg := self._take(now)) is not None:
+                token = b"%d" % self._next_token
+                self._next_token += 1
+                msg.attempts += 1
+                msg.sent_at = now
+                if not msg.first_attempt:
+                    msg.first_attempt = self._wall()
+                inflight[token] = msg
+                batch.append((token, msg))
+                commands.append(hpub(msg.subject.encode(), inbox + token, msg.header, msg.payload))
+                room -= 1
+            if not batch:
                 self._wake.clear()
                 delay = None
                 if self._retry and len(inflight) < window:
@@ -432,65 +443,67 @@ class Publisher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
                 continue
-            token = str(self._next_token)
-            self._next_token += 1
-            msg.attempts += 1
-            msg.sent_at = now
-            if not msg.first_attempt:
-                msg.first_attempt = self._wall()
-            inflight[token] = msg
             try:
-                await nc.publish(
-                    msg.subject, msg.payload, reply=f"{self._inbox}.{token}", headers=msg.headers
-                )
+                await nc.send(commands)
             except (nats.errors.Error, OSError) as exc:
-                # Not on the wire: back into line first, then wait for the connection. (A
-                # reconnect in the meantime may already have moved it back.)
-                if inflight.pop(token, None) is not None:
-                    self._retry.appendleft(msg)
+                # Not on the wire: back into line first, in order, then wait for the
+                # connection. (A reconnect in the meantime may already have moved them.)
+                self._retry.extendleft(
+                    msg for token, msg in reversed(batch) if inflight.pop(token, None)
+                )
                 self.stats.last_error = repr(exc)
                 self._connected.clear()
                 if nc.is_connected:
                     self._connected.set()
                     await asyncio.sleep(0.05)
+                continue
 
     # -- settle side -----------------------------------------------------------------------
 
-    async def _on_ack(self, reply: Msg) -> None:
-        token = reply.subject.rpartition(".")[2]
-        msg = self._inflight.pop(token, None)
-        if msg is None:
-            return  # a late reply for a message already re-sent under another token
-        status = reply.headers.get("Status") if reply.headers else None
-        body: _AckBody | None = None
-        if status is None:
-            with contextlib.suppress(msgspec.DecodeError):
-                body = _ack_decoder.decode(reply.data)
-        if body is None or body.error is not None or not body.stream:
-            self.stats.error_replies += 1
-            if status == NO_RESPONDERS and self._on_no_stream is not None:
-                # No stream captures the subject: it may have vanished with a wiped broker.
-                self._on_no_stream()
-            reason = status or (body.error if body is not None else reply.data[:200])
-            self.stats.last_error = str(reason)
-            now = self._clock()
-            if now - self._last_reject_log >= 1.0:  # one line a second, not one per event
-                self._last_reject_log = now
-                log.warning(
-                    "publish_rejected_will_retry",
-                    extra={
-                        "fields": {
-                            "subject": msg.subject,
-                            "id": msg.msg_id,
-                            "reply": str(reason),
-                            "rejected_total": self.stats.error_replies,
-                        }
-                    },
-                )
-            self._schedule_retry(msg)
-            return
-        self._settle(msg, PubAck(body.stream, body.seq, body.duplicate))
+    def _on_replies(self, replies: list[Raw]) -> None:
+        """Replies on the ack inbox, a read's worth at a time, straight from the read loop."""
+        inflight = self._inflight
+        cut = len(self._inbox)
+        decode = _ack_decoder.decode
+        for subject, data, header in replies:
+            msg = inflight.pop(subject[cut:], None)
+            if msg is None:
+                continue  # a late reply for a message already re-sent under another token
+            status = None if header is None else inline_status(header)
+            ack: PubAck | None = None
+            if status is None:
+                try:
+                    ack = decode(data)
+                except msgspec.DecodeError:
+                    ack = None
+            if ack is None or ack.error is not None or not ack.stream:
+                self._reject(msg, status or (ack.error if ack is not None else data[:200]))
+            else:
+                self._settle(msg, ack)
         self._after_settle()
+
+    def _reject(self, msg: OutMsg, reason: object) -> None:
+        """An error reply: count it, say so (a line a second at most), send again later."""
+        self.stats.error_replies += 1
+        if reason == NO_RESPONDERS and self._on_no_stream is not None:
+            # No stream captures the subject: it may have vanished with a wiped broker.
+            self._on_no_stream()
+        self.stats.last_error = str(reason)
+        now = self._clock()
+        if now - self._last_reject_log >= 1.0:
+            self._last_reject_log = now
+            log.warning(
+                "publish_rejected_will_retry",
+                extra={
+                    "fields": {
+                        "subject": msg.subject,
+                        "id": msg.msg_id,
+                        "reply": str(reason),
+                        "rejected_total": self.stats.error_replies,
+                    }
+                },
+            )
+        self._schedule_retry(msg)
 
     def _settle(self, msg: OutMsg, ack: PubAck) -> None:
         self.stats.acked += 1

@@ -40,6 +40,7 @@ from producer.chain.signpolicy import SignBudget, SigningPolicy
 from producer.delivery import records as rec
 from producer.delivery.dedup import stored_ids
 from producer.delivery.heads import HeadRecorder, latest_head, open_bucket
+from producer.delivery.protocol import IdHeader, header_block
 from producer.delivery.publisher import (
     OutMsg,
     PubAck,
@@ -61,6 +62,8 @@ from producer.stats import Histogram
 from schemas.heads import ChainHead
 
 log = logging.getLogger(__name__)
+
+_STRUCTURED_HEADER = IdHeader({"Content-Type": STRUCTURED_CONTENT_TYPE})
 
 ADAPTIVE_SIGN_SHARE = 0.25
 """Adaptive mode lets signing take at most this share of one core (SPEC 5.1): at ordinary
@@ -397,10 +400,10 @@ class Producer:
         msg_id = f"{spooled.chain.identity.chain_id}-{spooled.sequence}"
         if self.config.nats.mode == "binary":
             full = msgspec.json.decode(spooled.payload)
-            msg = OutMsg(spooled.subject, binary_payload(full), msg_id, binary_headers(full))
+            header = header_block(binary_headers(full))
+            msg = OutMsg(spooled.subject, binary_payload(full), msg_id, header)
         else:
-            headers = {"Nats-Msg-Id": msg_id, "Content-Type": STRUCTURED_CONTENT_TYPE}
-            msg = OutMsg(spooled.subject, spooled.payload, msg_id, headers)
+            msg = OutMsg(spooled.subject, spooled.payload, msg_id, _STRUCTURED_HEADER(msg_id))
         msg.ref = spooled
         msg.first_attempt = spooled.sent_since
         publisher.offer(msg, force=True)

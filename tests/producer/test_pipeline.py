@@ -668,6 +668,7 @@ async def test_a_stop_with_the_broker_gone_is_bounded_and_keeps_everything(
 
 async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats) -> None:
     # No stream captures the subject: every publish is answered "no responders" (503).
+    from producer.delivery.protocol import header_block
     from producer.delivery.publisher import OutMsg, Publisher, PublisherOptions
 
     pub = Publisher(PublisherOptions(url=nats_server.url, stream="NONE", max_pending=50))
@@ -675,7 +676,8 @@ async def test_rejecting_broker_cannot_grow_the_queue(nats_server: EmbeddedNats)
     try:
         offered = 0
         for i in range(500):
-            if pub.offer(OutMsg("nowhere.x", b"{}", f"id-{i}", {"Nats-Msg-Id": f"id-{i}"})):
+            header = header_block({"Nats-Msg-Id": f"id-{i}"})
+            if pub.offer(OutMsg("nowhere.x", b"{}", f"id-{i}", header)):
                 offered += 1
             await asyncio.sleep(0)
         await eventually(lambda: pub.stats.error_replies > 0)
