@@ -108,8 +108,9 @@ class LeanClient(Client):
 
 
 class _LeanParser(Parser):
-    """nats-py's parser, with the runs of plain ``MSG`` commands for raw subscriptions
-    (every PubAck) taken straight off the buffer; the rest goes the usual way."""
+    """nats-py's parser, with runs of plain ``MSG`` commands (every PubAck) taken straight
+    off the buffer: raw subscriptions get theirs in one call, other subscriptions through
+    nats-py's ``_process_msg`` as its parser would; anything else goes the usual way."""
 
     nc: LeanClient
 
@@ -117,12 +118,17 @@ class _LeanParser(Parser):
         buf = self.buf
         buf.extend(data)
         if self.state == AWAITING_CONTROL_LINE:
-            found, used, waiting = plain_msgs(buf, self.nc._raw)
+            found, used, waiting = plain_msgs(buf)
             if used:
                 del buf[:used]
+            nc = self.nc
             for sid, run in found.items():
-                self.nc.raw_parsed += len(run)
-                self.nc._deliver_raw(sid, run)
+                if sid in nc._raw:
+                    nc.raw_parsed += len(run)
+                    nc._deliver_raw(sid, run)
+                    continue
+                for subject, payload, _ in run:  # as nats-py's parser would hand them on
+                    await nc._process_msg(sid, subject, b"", payload, None)
             if waiting:
                 return
         if buf:

@@ -14,7 +14,7 @@ CR/LF turned into spaces), so a consumer sees the same headers whichever path se
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 
 from producer.errors import BrokerError
 
@@ -88,27 +88,25 @@ def inline_status(header: bytes | None) -> str | None:
     return code.decode() if code.isdigit() else None
 
 
-def plain_msgs(
-    buf: bytes | bytearray, sids: Container[int]
-) -> tuple[dict[int, list[Raw]], int, bool]:
-    """The leading run of whole ``MSG`` commands (no reply, no headers) for ``sids``.
+def plain_msgs(buf: bytes | bytearray) -> tuple[dict[int, list[Raw]], int, bool]:
+    """The leading run of whole ``MSG`` commands without a reply subject or headers (every
+    PubAck, and most replies to requests), grouped by subscription id.
 
-    Returns them by sid as ``(subject, payload, None)`` in arrival order, how many bytes of
-    ``buf`` they took, and whether what follows is only the incomplete start of a command
-    (wait for more bytes). Anything else ends the run: a general parser takes it from there.
+    Returns them as ``(subject, payload, None)`` in arrival order per sid, how many bytes
+    of ``buf`` they took, and whether what follows is only the incomplete start of a
+    command (wait for more bytes). Anything else ends the run: a general parser takes it
+    from there.
     """
     found: dict[int, list[Raw]] = {}
     pos = 0
     size = len(buf)
     match = _MSG.match
     while (m := match(buf, pos)) is not None:
-        sid = int(m[2])
-        if sid not in sids:
-            return found, pos, False
         start = m.end()
         end = start + int(m[3])
         if end + 2 > size:
             return found, pos, True
+        sid = int(m[2])
         run = found.get(sid)
         if run is None:
             run = found[sid] = []

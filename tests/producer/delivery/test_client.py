@@ -130,6 +130,22 @@ async def test_a_failing_handler_does_not_end_the_read_loop(
         await lean.close()
 
 
+class _Recording(LeanClient):
+    """Records what reaches nats-py's message handling for other subscriptions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.others: list[tuple[int, bytes, bytes, bytes]] = []
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        if sid in self._raw:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        else:
+            self.others.append((sid, subject, reply, data))
+
+
 async def test_the_parser_delivers_every_reply_however_the_stream_is_cut() -> None:
     def msg(subject: bytes, sid: int, payload: bytes) -> bytes:
         return b"MSG %b %d %d\r\n%b\r\n" % (subject, sid, len(payload), payload)
@@ -152,13 +168,14 @@ async def test_the_parser_delivers_every_reply_however_the_stream_is_cut() -> No
         (b"acks.4", b'{"seq":4}', None),
     ]
     for cut in range(len(stream) + 1):
-        client = LeanClient()  # never connected: the parser is fed by hand
+        client = _Recording()  # never connected: the parser is fed by hand
         got: list[Raw] = []
         client._raw[1] = got.extend
         for part in (stream[:cut], stream[cut:]):
             await client._ps.parse(part)
         assert got == expected, cut
         assert client.raw_delivered == 4
+        assert client.others == [(9, b"elsewhere", b"", b"not ours")], cut
 
 
 async def test_replies_cut_anywhere_stay_on_the_fast_path() -> None:

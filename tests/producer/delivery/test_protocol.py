@@ -80,32 +80,31 @@ def _msg(subject: bytes, sid: int, payload: bytes) -> bytes:
     return b"MSG %b %d %d\r\n%b\r\n" % (subject, sid, len(payload), payload)
 
 
-def test_plain_msgs_takes_the_run_for_its_sids_and_stops_at_anything_else() -> None:
-    run = _msg(b"in.1", 1, b'{"seq":1}') + _msg(b"in.2", 1, b"") + _msg(b"other.1", 3, b"x")
-    buf = run + _msg(b"in.3", 2, b"y") + b"+OK\r\n" + _msg(b"in.4", 1, b"z")
-    found, used, waiting = plain_msgs(buf, {1, 3})
+def test_plain_msgs_takes_the_run_by_sid_and_stops_at_anything_else() -> None:
+    run = _msg(b"in.1", 1, b'{"seq":1}') + _msg(b"other.1", 3, b"x") + _msg(b"in.2", 1, b"")
+    buf = run + b"+OK\r\n" + _msg(b"in.4", 1, b"z")
+    found, used, waiting = plain_msgs(buf)
     assert found == {
         1: [(b"in.1", b'{"seq":1}', None), (b"in.2", b"", None)],
         3: [(b"other.1", b"x", None)],
     }
-    assert used == len(run) and not waiting  # sid 2 is not ours: a general parser goes on
+    assert used == len(run) and not waiting  # +OK: a general parser goes on
 
-    found, used, waiting = plain_msgs(b"+OK\r\n" + run, {1})
-    assert (found, used, waiting) == ({}, 0, False)
+    assert plain_msgs(b"+OK\r\n" + run) == ({}, 0, False)
     hmsg = b"HMSG in.5 1 12 12\r\nNATS/1.0\r\n\r\n\r\n"
-    assert plain_msgs(hmsg, {1}) == ({}, 0, False)
+    assert plain_msgs(hmsg) == ({}, 0, False)
     reply = b"MSG in.6 1 reply.to 1\r\nq\r\n"
-    assert plain_msgs(reply, {1}) == ({}, 0, False)
+    assert plain_msgs(reply) == ({}, 0, False)
 
 
 def test_plain_msgs_waits_for_the_rest_of_a_command_cut_anywhere() -> None:
     whole = _msg(b"in.1", 1, b"abc") + _msg(b"in.2", 1, b"defgh")
     first = len(_msg(b"in.1", 1, b"abc"))
     for cut in range(len(whole)):
-        found, used, waiting = plain_msgs(whole[:cut], {1})
+        found, used, waiting = plain_msgs(whole[:cut])
         expected = [(b"in.1", b"abc", None)] if cut >= first else []
         assert found.get(1, []) == expected, cut
         assert used == (first if cut >= first else 0), cut
         assert waiting, cut
-    found, used, waiting = plain_msgs(whole, {1})
+    found, used, waiting = plain_msgs(whole)
     assert len(found[1]) == 2 and used == len(whole) and waiting
