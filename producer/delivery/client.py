@@ -9,14 +9,17 @@ buffer while reconnecting) and adds two narrow doors:
 
 - :meth:`LeanClient.send` queues ready-made protocol commands (:mod:`.protocol`) and asks
   the flusher once per batch;
-- :meth:`LeanClient.subscribe_raw` hands each message of one subscription to a plain
-  function as it is parsed: no ``Msg``, no queue, no task.
+- :meth:`LeanClient.subscribe_raw` hands the messages of one subscription to a plain
+  function, a read's worth at a time, as its parser cuts them off the buffer: no ``Msg``,
+  no queue, no task.
 
-Both use nats-py internals (``_pending``, ``_flush_pending``, ``_process_msg``), which is
-why nats-py is pinned below 3 and ``tests/producer/delivery/test_client.py`` checks this
-contract against a real server. If a nats-py release stopped routing messages through
-``_process_msg``, replies would still arrive through the ordinary callback, only slower,
-and that test would say so.
+Both use nats-py internals (``_pending``, ``_flush_pending``, the parser and
+``_process_msg``), which is why nats-py is pinned below 3 and
+``tests/producer/delivery/test_client.py`` checks this contract against a real server. If
+a nats-py release stopped routing messages through its parser and ``_process_msg``,
+replies would still arrive through the ordinary callback, only slower, and that test would
+say so. Payload size is not checked here as ``publish`` does: events are a few KiB at
+most (guest bodies are capped at 4 KiB), far below any server's ``max_payload``.
 """
 
 from __future__ import annotations
@@ -66,11 +69,6 @@ class LeanClient(Client):
             await self._flush_pending(force_flush=True)
         elif self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
-
-    @property
-    def max_payload(self) -> int:
-        """The largest payload (headers included) the server accepts in one message."""
-        return int(self._max_payload)
 
     async def subscribe_raw(self, subject: str, handler: RawHandler) -> None:
         """Subscribe ``handler`` to ``subject``; it runs synchronously in the read loop, so
