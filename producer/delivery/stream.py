@@ -69,6 +69,9 @@ _NS = 1_000_000_000
 # JetStream API error codes (nats-server/server/errors.json), stable across 2.9 .. 2.1x.
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_SUBJECTS_OVERLAP = 10065
+_ERR_NOT_YET = frozenset({10005, 10008, 10023})
+"""No suitable peers for placement, JetStream temporarily unavailable, insufficient
+resources: a cluster still forming or electing, or short of room; worth asking again."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,8 @@ async def ensure_stream(
     """Make sure the stream exists and can keep the delivery promise, or say why not.
 
     Raises StreamConfigError (listing every problem) when the stream is unfit, missing with
-    ``create`` off, or refused by the server; BrokerError when JetStream cannot be reached;
+    ``create`` off, or refused by the server; BrokerError when JetStream cannot be reached
+    or cannot place the stream yet (a cluster still forming: the caller retries);
     ValueError for a malformed name, prefix or window, which configuration loading should
     already have rejected (see ``validate_*``).
     Warnings are logged here once and also returned for status reporting.
@@ -343,6 +347,8 @@ async def _create(
             if info is None:
                 raise BrokerError(f"stream {name} reported as existing, then not found") from exc
             return info, False
+        if exc.code == 503 or exc.err_code in _ERR_NOT_YET:
+            raise BrokerError(f"cannot create stream {name} yet: {_describe(exc)}") from exc
         if exc.err_code == _ERR_SUBJECTS_OVERLAP:
             raise StreamConfigError(
                 name,

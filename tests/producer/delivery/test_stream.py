@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import nats
 import pytest
@@ -417,3 +417,41 @@ async def test_system_server_compat_read_only(system_nats_url: str) -> None:
             )
     finally:
         await client.close()
+
+
+class _Unplaced:
+    """JetStream as a cluster that is still forming answers it: no stream yet, and a
+    create refused as something to ask again."""
+
+    def __init__(self, refusal: APIError) -> None:
+        self.refusal = refusal
+
+    async def stream_info(self, name: str) -> Any:
+        raise NotFoundError(code=404, description="stream not found", err_code=10059)
+
+    async def add_stream(self, config: StreamConfig) -> Any:
+        raise self.refusal
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        APIError(code=503, description="JetStream system temporarily unavailable", err_code=10008),
+        APIError(code=500, description="no suitable peers for placement", err_code=10005),
+        APIError(code=503, description="insufficient resources", err_code=10023),
+        APIError(code=503, description="a future kind of unavailable", err_code=19999),
+    ],
+)
+async def test_a_create_the_cluster_cannot_place_yet_is_retried_not_final(
+    refusal: APIError,
+) -> None:
+    with pytest.raises(BrokerError) as info:
+        await _ensure(cast(JetStreamContext, _Unplaced(refusal)))
+    assert not isinstance(info.value, StreamConfigError)  # the daemon retries BrokerError
+    assert "yet" in str(info.value) and info.value.__cause__ is refusal
+
+
+async def test_a_create_refused_for_good_is_final() -> None:
+    refusal = APIError(code=500, description="replicas > 1 not supported", err_code=10074)
+    with pytest.raises(StreamConfigError, match="refused to create it"):
+        await _ensure(cast(JetStreamContext, _Unplaced(refusal)))
