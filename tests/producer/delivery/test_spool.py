@@ -254,16 +254,22 @@ async def test_a_full_window_spills_to_disk_and_is_fed_back_in_order(tmp_path: P
     await spool.close(clean=True)
 
 
-async def test_a_paced_spool_holds_readers_back_while_records_wait_on_disk(
-    tmp_path: Path,
-) -> None:
+async def paced(tmp_path: Path, room: int) -> tuple[Spool, Sink, ChainState]:
+    """A spool handing records to a window of ``room``, paced as while the broker is up."""
     spool = Spool(opts(tmp_path))
     spool.open()
-    sink = Sink(room=3)
+    sink = Sink(room=room)
     spool.start_delivery(sink.deliver, sink.wait)
     chain = new_chain(spool)
     await until(lambda: spool._spill is None)
     spool.set_paced(True)
+    return spool, sink, chain
+
+
+async def test_a_paced_spool_holds_readers_back_while_records_wait_for_the_window(
+    tmp_path: Path,
+) -> None:
+    spool, sink, chain = await paced(tmp_path, room=3)
     append(spool, chain, 5)
     spool.flush()
     await until(lambda: len(sink.got) == 3)
@@ -290,13 +296,7 @@ async def test_a_paced_spool_holds_readers_back_while_records_wait_on_disk(
 async def test_records_held_for_the_window_are_handed_over_when_it_has_room(
     tmp_path: Path,
 ) -> None:
-    spool = Spool(opts(tmp_path))
-    spool.open()
-    sink = Sink(room=2)
-    spool.start_delivery(sink.deliver, sink.wait)
-    chain = new_chain(spool)
-    await until(lambda: spool._spill is None)
-    spool.set_paced(True)
+    spool, sink, chain = await paced(tmp_path, room=2)
     for _ in range(3):
         append(spool, chain, 2)
         spool.flush()
