@@ -45,10 +45,10 @@ from producer.errors import BrokerError
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class OutMsg:
+class OutMsg(msgspec.Struct, gc=False):
     """One event on its way to JetStream. ``msg_id`` doubles as the ``Nats-Msg-Id``;
-    ``header`` is the encoded header block (:func:`.protocol.header_block`), built once."""
+    ``header`` is the encoded header block (:func:`.protocol.header_block`), built once.
+    Untracked by the cyclic collector, like the spool's ``SpooledEvent`` it refers to."""
 
     subject: str
     payload: bytes
@@ -64,7 +64,7 @@ class OutMsg:
     """The caller's handle on the message (the spooled event), returned in ``on_acked``."""
 
 
-class PubAck(msgspec.Struct):
+class PubAck(msgspec.Struct, gc=False):
     """A JetStream publish reply, decoded as it comes (``error`` set: a rejection)."""
 
     stream: str = ""

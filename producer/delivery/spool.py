@@ -135,9 +135,12 @@ _acks_decoder: Final = msgspec.json.Decoder(list[tuple[int, int]])
 _snapshot_decoder: Final = msgspec.json.Decoder(SpoolSnapshot)
 
 
-@dataclass(slots=True)
-class SpooledEvent:
-    """A durable event on its way to the publisher; ``segment`` is where it lives."""
+class SpooledEvent(msgspec.Struct, gc=False):
+    """A durable event on its way to the publisher; ``segment`` is where it lives.
+
+    Up to a publish window of these (65,536) are alive at once: untracked by the cyclic
+    garbage collector (``gc=False``; it refers to nothing that refers back), they are not
+    walked by every collection, which took a tenth of the loop in ``make bench``."""
 
     segment: int
     chain: ChainState
