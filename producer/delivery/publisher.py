@@ -421,6 +421,7 @@ class Publisher:
         while not self._closed:
             await self._connected.wait()
             now = self._clock()
+            wall = self._wall()
             room = min(window - len(inflight), SEND_BATCH)
             batch: list[tuple[bytes, OutMsg]] = []
             commands: list[bytes] = []
@@ -430,7 +431,7 @@ class Publisher:
                 msg.attempts += 1
                 msg.sent_at = now
                 if not msg.first_attempt:
-                    msg.first_attempt = self._wall()
+                    msg.first_attempt = wall
                 inflight[token] = msg
                 batch.append((token, msg))
                 commands.append(hpub(msg.subject.encode(), inbox + token, msg.header, msg.payload))
